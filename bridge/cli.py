@@ -1,0 +1,137 @@
+"""The ``crm-bridge`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import anyio
+import psycopg
+
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("crm_bridge")
+
+
+def resolve_dsn(flag: str | None) -> str:
+    """--dsn, else CRM_BRIDGE_DSN, else '' (libpq then uses the PG* variables)."""
+    return flag or os.environ.get("CRM_BRIDGE_DSN", "")
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    from .logs import configure
+
+    configure(level, fmt)
+
+
+# -- commands ---------------------------------------------------------------------------------
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .db import installed_version, latest_version, migrate
+
+    with psycopg.connect(resolve_dsn(args.dsn), autocommit=True) as conn:
+        before = installed_version(conn)
+        done = migrate(conn, reference=args.reference_crm)
+    if done:
+        for item in done:
+            print(f"applied {item}")
+    else:
+        print(f"crm_bridge schema is up to date (version {before})")
+    print(f"schema version {latest_version()}")
+    return 0
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    flags = {k: getattr(args, k) for k in ("config", "worker_id", "log_level", "log_format",
+                                           "metrics_addr", "poll_interval", "concurrency",
+                                           "batch_size", "lease", "grace", "timeout")
+             if getattr(args, k, None) is not None}
+    settings = Settings.load(flags)
+    settings.dsn = resolve_dsn(args.dsn) or settings.dsn
+    return settings
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .dispatch import Daemon
+
+    settings = _settings_from(args)
+    setup_logging(settings.log_level, settings.log_format)
+    daemon = Daemon(settings)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            async def on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("received %s: stopping (grace %g s)", signal.Signals(signum).name,
+                                 settings.grace)
+                        daemon.stop()
+                        return
+
+            tg.start_soon(on_signal)
+            log.info("crm-bridge daemon starting (worker %s)", settings.worker_id)
+            await daemon.run()
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo()
+
+
+COMMANDS = {"migrate": cmd_migrate, "run": cmd_run, "demo": cmd_demo}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crm-bridge", description=__doc__)
+    p.add_argument("--dsn", help="PostgreSQL connection string (default: $CRM_BRIDGE_DSN, then PG* variables)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("migrate", help="install or upgrade the crm_bridge schema (idempotent)")
+    m.add_argument("--reference-crm", action="store_true",
+                   help="also create the reference CRM schema `crm` with the triggers attached")
+
+    r = sub.add_parser("run", help="run the daemon (LISTEN, claim, call URLs)")
+    r.add_argument("--config", help="TOML settings file (default: $CRM_BRIDGE_CONFIG)")
+    r.add_argument("--worker-id", dest="worker_id", help="name of this daemon in leases (default host:pid)")
+    r.add_argument("--log-level", dest="log_level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    r.add_argument("--log-format", dest="log_format", choices=["text", "json"])
+    r.add_argument("--metrics-addr", dest="metrics_addr", help="serve Prometheus metrics on HOST:PORT")
+    r.add_argument("--poll-interval", dest="poll_interval", type=float, help="fallback poll, seconds")
+    r.add_argument("--concurrency", type=int, help="deliveries held at once, all URLs together")
+    r.add_argument("--batch-size", dest="batch_size", type=int, help="events claimed per query")
+    r.add_argument("--lease", type=float, help="seconds a claim lives without a heartbeat")
+    r.add_argument("--grace", type=float, help="seconds to finish in-flight deliveries on SIGTERM")
+    r.add_argument("--timeout", type=float, help="default per-attempt HTTP timeout, seconds")
+
+    sub.add_parser("demo", help="throwaway PostgreSQL + receiver + daemon: watch the calls happen")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        setup_logging(os.environ.get("CRM_BRIDGE_LOG_LEVEL", "WARNING"))
+    try:
+        return COMMANDS[args.command](args)
+    except SettingsError as exc:
+        print(f"crm-bridge: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    except psycopg.OperationalError as exc:
+        print(f"crm-bridge: cannot connect to PostgreSQL: {str(exc).strip()}", file=sys.stderr)
+        return 3
+    except psycopg.Error as exc:
+        print(f"crm-bridge: database error: {str(exc).strip()}", file=sys.stderr)
+        return 4
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Connections and schema migrations."""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+
+from .sqlfiles import Q, migrations, reference_crm
+
+log = logging.getLogger("crm_bridge.db")
+
+# Serialises concurrent `crm-bridge migrate` runs ('crmb', 0).
+MIGRATE_LOCK = (1668441442, 0)
+
+_BOOTSTRAP = """
+CREATE SCHEMA IF NOT EXISTS crm_bridge;
+CREATE TABLE IF NOT EXISTS crm_bridge.schema_version (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+def installed_version(conn: psycopg.Connection) -> int:
+    exists = conn.execute("SELECT to_regclass('crm_bridge.schema_version') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return 0
+    row = conn.execute(Q.schema_version).fetchone()
+    return int(row[0]) if row else 0
+
+
+def latest_version() -> int:
+    return migrations()[-1].version
+
+
+def migrate(conn: psycopg.Connection, *, reference: bool = False) -> list[str]:
+    """Apply the missing migrations (and the reference CRM) in one transaction; return what was done."""
+    done: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", MIGRATE_LOCK)
+        conn.execute(_BOOTSTRAP)
+        current = installed_version(conn)
+        for m in migrations():
+            if m.version <= current:
+                continue
+            log.info("applying migration %04d_%s", m.version, m.name)
+            conn.execute(m.text())
+            conn.execute("INSERT INTO crm_bridge.schema_version (version, name) VALUES (%s, %s)",
+                         (m.version, m.name))
+            done.append(f"{m.version:04d}_{m.name}")
+        if reference:
+            conn.execute(reference_crm())
+            done.append("reference CRM (schema crm)")
+    return done

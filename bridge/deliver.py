@@ -1,0 +1,144 @@
+"""One HTTP attempt for one delivery, and the retry policy that judges its outcome."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import httpx
+
+from .redact import redact_url
+from .settings import Settings
+from .urls import MissingId, call_url
+
+log = logging.getLogger("crm_bridge.deliver")
+
+# 4xx that are worth retrying: timeout, too early, rate limited.  Every other 4xx is permanent.
+RETRYABLE_4XX = frozenset({408, 425, 429})
+MAX_ERROR_LEN = 500
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A claimed delivery row (see sql/queries.sql: dispatch_events / claim_due)."""
+
+    id: int
+    event_id: int
+    object: str
+    event: str
+    ids: list[str | None]
+    event_created_at: datetime
+    status: str
+    attempts: int
+    trigger_id: int | None
+    url: str | None
+    timeout_ms: int | None
+    max_attempts: int | None
+    retry_schedule: list[timedelta] | None
+    max_in_flight: int | None
+    id_params: list[str]
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Delivery:
+        return cls(**row)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened; ``status`` is the delivery's next state."""
+
+    status: str                 # delivered | pending | dead
+    attempted: int = 1          # 0 when handed back without an attempt
+    http_status: int | None = None
+    error: str | None = None
+    delay: float = 0.0          # seconds until the next attempt (status pending)
+    duration_ms: int = 0
+
+
+def _retry_after(value: str | None, cap: float) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), capped; None if absent/invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), cap)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return min(max((when - datetime.now(UTC)).total_seconds(), 0.0), cap)
+
+
+class RetryPolicy:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+
+    def backoff(self, d: Delivery, attempt: int) -> float:
+        """Delay before attempt ``attempt + 1`` after ``attempt`` failures, with jitter."""
+        schedule = [td.total_seconds() for td in d.retry_schedule or ()] or list(self.s.retry_schedule)
+        base = schedule[min(attempt - 1, len(schedule) - 1)]
+        if self.s.retry_jitter:
+            base *= random.uniform(1 - self.s.retry_jitter, 1 + self.s.retry_jitter)
+        return base
+
+    def max_attempts(self, d: Delivery) -> int:
+        return d.max_attempts or self.s.max_attempts
+
+    def judge(self, d: Delivery, *, status: int | None, error: str | None,
+              retry_after: str | None, duration_ms: int) -> Outcome:
+        attempt = d.attempts + 1
+        if status is not None and 200 <= status < 300:
+            return Outcome("delivered", http_status=status, duration_ms=duration_ms)
+        permanent = status is not None and 400 <= status < 500 and status not in RETRYABLE_4XX
+        err = (error or f"HTTP {status}")[:MAX_ERROR_LEN]
+        if permanent:
+            return Outcome("dead", http_status=status, error=f"permanent failure: {err}", duration_ms=duration_ms)
+        if attempt >= self.max_attempts(d):
+            return Outcome("dead", http_status=status, error=f"gave up after {attempt} attempts: {err}",
+                           duration_ms=duration_ms)
+        delay = self.backoff(d, attempt)
+        hinted = _retry_after(retry_after, self.s.retry_after_cap) if status in (429, 503) else None
+        if hinted is not None:
+            delay = hinted
+        return Outcome("pending", http_status=status, error=err, delay=delay, duration_ms=duration_ms)
+
+
+async def attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, settings: Settings) -> Outcome:
+    """Make one call and judge it.  Never raises (except cancellation)."""
+    assert d.url is not None
+    try:
+        url = call_url(d.url, d.id_params, d.ids)
+    except MissingId as exc:
+        return Outcome("dead", error=str(exc))
+    timeout = d.timeout_ms / 1000.0 if d.timeout_ms else settings.timeout
+    started = time.monotonic()
+    status: int | None = None
+    error: str | None = None
+    retry_after: str | None = None
+    try:
+        with anyio.fail_after(timeout):
+            resp = await client.get(url, timeout=timeout)
+        status = resp.status_code
+        retry_after = resp.headers.get("retry-after")
+        if status >= 300:
+            snippet = resp.content[:200].decode("utf-8", "replace").strip()
+            error = f"HTTP {status}" + (f": {snippet}" if snippet else "")
+    except TimeoutError:
+        error = f"timed out after {timeout:g} s"
+    except httpx.HTTPError as exc:
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    except Exception as exc:  # a bug or an odd URL must not kill the daemon
+        log.exception("unexpected error calling %s", redact_url(url))
+        error = f"{type(exc).__name__}: {exc}"
+    duration_ms = int((time.monotonic() - started) * 1000)
+    if error:
+        error = error.replace(url, redact_url(url)).replace(d.url, redact_url(d.url))
+    return policy.judge(d, status=status, error=error, retry_after=retry_after, duration_ms=duration_ms)

@@ -1,0 +1,143 @@
+"""The one settings object: command-line flags > environment (CRM_BRIDGE_*) > TOML file > defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# Standard Webhooks' schedule: after the first attempt, retry after 5 s, 5 min, 30 min, 2 h,
+# 5 h, 10 h, 10 h (8 attempts in all).
+DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Settings:
+    dsn: str = ""
+    # delivery
+    timeout: float = 15.0                 # seconds per attempt (per-URL: crm_trigger.timeout_ms)
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    max_attempts: int = 8                 # per-URL: crm_trigger.max_attempts
+    retry_after_cap: float = 3600.0       # a Retry-After beyond this is cut to it
+    retry_jitter: float = 0.2             # +-20 % on every backoff delay
+    concurrency: int = 128                # HTTP requests in flight, all URLs together
+    max_in_flight_per_url: int = 16       # per-URL: crm_trigger.max_in_flight
+    follow_redirects: bool = False
+    ca_bundle: str = ""                   # extra CA file for internal CAs; system CAs otherwise
+    deny_cidrs: tuple[str, ...] = ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128")
+    allow_cidrs: tuple[str, ...] = ()
+    # queue
+    batch_size: int = 500
+    lease: float = 30.0                   # seconds a claim lives without a heartbeat
+    poll_interval: float = 2.0            # fallback poll when no NOTIFY arrives
+    grace: float = 10.0                   # seconds to finish in-flight deliveries on SIGTERM
+    retention_days: float = 7.0
+    worker_id: str = field(default_factory=_default_worker_id)
+    # operations
+    log_level: str = "INFO"
+    log_format: str = "text"              # text | json
+    metrics_addr: str = ""
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return max(self.lease / 3.0, 0.05)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+             config_file: str | Path | None = None) -> Settings:
+        env = os.environ if env is None else env
+        flags = {k: v for k, v in (flags or {}).items() if v is not None}
+        values: dict[str, Any] = {}
+        path = flags.pop("config", None) or config_file or env.get("CRM_BRIDGE_CONFIG")
+        if path:
+            values.update(_read_toml(Path(path)))
+        known = {f.name for f in fields(cls)}
+        for name in known:
+            key = f"CRM_BRIDGE_{name.upper()}"
+            if key in env:
+                values[name] = env[key]
+        unknown = set(flags) - known
+        if unknown:
+            raise SettingsError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        values.update(flags)
+        settings = cls()
+        for f in fields(cls):
+            if f.name in values:
+                setattr(settings, f.name, _coerce(f, values[f.name]))
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        positive = ("timeout", "concurrency", "max_in_flight_per_url", "batch_size", "lease",
+                    "poll_interval", "max_attempts")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if any(d < 0 for d in self.retry_schedule) or not self.retry_schedule:
+            raise SettingsError("retry_schedule must be a non-empty list of delays >= 0 seconds")
+        if not 0 <= self.retry_jitter < 1:
+            raise SettingsError(f"retry_jitter must be in [0, 1) (got {self.retry_jitter})")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"log_format must be text or json (got {self.log_format!r})")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise SettingsError(f"log_level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level!r})")
+        if self.grace < 0 or self.retention_days <= 0:
+            raise SettingsError("grace must be >= 0 and retention_days > 0")
+        from .http import parse_networks
+
+        parse_networks(self.deny_cidrs)
+        parse_networks(self.allow_cidrs)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path}: {exc}") from None
+    section = data.get("crm_bridge", data)
+    known = {f.name for f in fields(Settings)}
+    unknown = set(section) - known
+    if unknown:
+        raise SettingsError(f"config file {path}: unknown setting(s): {', '.join(sorted(unknown))}")
+    return dict(section)
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if isinstance(default, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            items = [i.strip() if isinstance(i, str) else i for i in items]
+            items = [i for i in items if i != ""]
+            if (default and isinstance(default[0], float)) or f.name == "retry_schedule":
+                return tuple(float(i) for i in items)
+            return tuple(str(i) for i in items)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, int):
+            return int(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"setting {f.name}: invalid value {value!r}") from None

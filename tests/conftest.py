@@ -1,0 +1,242 @@
+"""Shared fixtures: one throwaway PostgreSQL per session, one database per test (from a template),
+real HTTP receivers on 127.0.0.1, and the real `crm-bridge run` daemon as a subprocess.
+
+Set CRM_BRIDGE_TEST_DSN to use an existing server instead (a superuser DSN; databases named
+crm_bridge_test_* are created and dropped there).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pytest_postgresql.janitor import DatabaseJanitor
+
+from bridge.db import migrate
+from bridge.pgserver import TempPostgres
+from bridge.receiver import Receiver
+
+TEMPLATE = "crm_bridge_template"
+_counter = itertools.count()
+
+# Fast settings for the daemon under test; individual tests override what they need.
+FAST_ENV = {
+    "CRM_BRIDGE_POLL_INTERVAL": "0.5",
+    "CRM_BRIDGE_RETRY_SCHEDULE": "0.05,0.1,0.2",
+    "CRM_BRIDGE_RETRY_JITTER": "0",
+    "CRM_BRIDGE_MAX_ATTEMPTS": "3",
+    "CRM_BRIDGE_LEASE": "3",
+    "CRM_BRIDGE_GRACE": "5",
+    "CRM_BRIDGE_TIMEOUT": "5",
+    "CRM_BRIDGE_LOG_LEVEL": "INFO",
+}
+
+
+class Server:
+    """Where the test databases live: host/port/user plus a way to restart (own cluster only)."""
+
+    def __init__(self, dsn: str, cluster: TempPostgres | None) -> None:
+        self.dsn = dsn
+        self.cluster = cluster
+        info = conninfo_to_dict(dsn)
+        self.host = info.get("host", "127.0.0.1")
+        self.port = int(info.get("port", 5432))
+        self.user = info.get("user", "postgres")
+        self.password = info.get("password")
+
+    def dsn_for(self, dbname: str) -> str:
+        return make_conninfo(self.dsn, dbname=dbname)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    external = os.environ.get("CRM_BRIDGE_TEST_DSN")
+    if external:
+        yield Server(external, None)
+        return
+    with TempPostgres() as cluster:
+        yield Server(cluster.dsn(), cluster)
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: Server) -> str:
+    """A database with crm_bridge and the reference CRM installed, cloned for every test."""
+    janitor = DatabaseJanitor(user=pg_server.user, host=pg_server.host, port=pg_server.port,
+                              password=pg_server.password, dbname=TEMPLATE, as_template=True)
+    janitor.drop()
+    janitor.init()
+    with psycopg.connect(pg_server.dsn_for(TEMPLATE), autocommit=True) as conn:
+        migrate(conn, reference=True)
+    return TEMPLATE
+
+
+@pytest.fixture
+def dsn(pg_server: Server, template_db: str) -> Iterator[str]:
+    """A fresh database (crm_bridge + reference CRM installed) for this test."""
+    name = f"crm_bridge_test_{os.getpid()}_{next(_counter)}"
+    janitor = DatabaseJanitor(user=pg_server.user, host=pg_server.host, port=pg_server.port,
+                              password=pg_server.password, dbname=name, template_dbname=template_db)
+    janitor.init()
+    try:
+        yield pg_server.dsn_for(name)
+    finally:
+        janitor.drop()
+
+
+@pytest.fixture
+def empty_dsn(pg_server: Server) -> Iterator[str]:
+    """A fresh database with nothing installed."""
+    name = f"crm_bridge_empty_{os.getpid()}_{next(_counter)}"
+    janitor = DatabaseJanitor(user=pg_server.user, host=pg_server.host, port=pg_server.port,
+                              password=pg_server.password, dbname=name)
+    janitor.init()
+    try:
+        yield pg_server.dsn_for(name)
+    finally:
+        janitor.drop()
+
+
+class DB:
+    """A small autocommit helper for arranging and inspecting a test database."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.conn = psycopg.connect(dsn, autocommit=True)
+
+    def execute(self, query: Any, params: Any = None) -> psycopg.Cursor:
+        return self.conn.execute(query, params)
+
+    def all(self, query: Any, params: Any = None) -> list[tuple]:
+        return self.conn.execute(query, params).fetchall()
+
+    def one(self, query: Any, params: Any = None) -> Any:
+        row = self.conn.execute(query, params).fetchone()
+        return None if row is None else row[0]
+
+    def add_url(self, obj: str, event: str, url: str, **cols: Any) -> int:
+        names = ["object", "event", "url", *cols]
+        placeholders = ", ".join(["%s"] * len(names))
+        q = psycopg.sql.SQL("INSERT INTO crm_bridge.crm_trigger ({}) VALUES ({}) RETURNING id").format(
+            psycopg.sql.SQL(", ").join(map(psycopg.sql.Identifier, names)), psycopg.sql.SQL(placeholders))
+        return int(self.one(q, [obj, event, url, *cols.values()]))
+
+    def wait_until(self, query: Any, params: Any = None, *, expect: Any = True, timeout: float = 15) -> Any:
+        """Poll ``query`` until its first column equals ``expect`` (or the deadline passes)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.one(query, params)
+            if value == expect:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{query!r} returned {value!r}, expected {expect!r}")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture
+def db(dsn: str) -> Iterator[DB]:
+    helper = DB(dsn)
+    yield helper
+    helper.close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as rx:
+        yield rx
+
+
+class DaemonProcess:
+    """`crm-bridge run` in a subprocess, its log in a file."""
+
+    def __init__(self, dsn: str, env: dict[str, str], args: list[str]) -> None:
+        self.dsn = dsn
+        self.env = env
+        self.args = args
+        self.log_path = Path(tempfile.mkstemp(prefix="crm-bridge-daemon-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True) -> DaemonProcess:
+        self._offset = self.log_path.stat().st_size
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge.cli", "--dsn", self.dsn, "run", *self.args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        if wait_ready:
+            self.wait_log("ready: listening")
+        return self
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log[self._offset:]:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"daemon did not log {text!r}:\n{self.log}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@pytest.fixture
+def daemon_factory(dsn: str) -> Iterator[Callable[..., DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def make(*args: str, env: dict[str, str] | None = None, start: bool = True,
+             target_dsn: str | None = None) -> DaemonProcess:
+        full_env = {**os.environ, **FAST_ENV, **(env or {})}
+        full_env.pop("CRM_BRIDGE_DSN", None)
+        d = DaemonProcess(target_dsn or dsn, full_env, list(args))
+        started.append(d)
+        if start:
+            d.start()
+        return d
+
+    yield make
+    for d in started:
+        if d.running:
+            d.kill()
+        d.log_path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def daemon(daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
+    """A running daemon on this test's database."""
+    return daemon_factory()
