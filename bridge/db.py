@@ -6,7 +6,7 @@ import logging
 
 import psycopg
 
-from .sqlfiles import Q, migrations, reference_crm
+from .sqlfiles import migrations, reference_crm
 
 log = logging.getLogger("crm_bridge.db")
 
@@ -23,12 +23,16 @@ CREATE TABLE IF NOT EXISTS crm_bridge.schema_version (
 """
 
 
-def installed_version(conn: psycopg.Connection) -> int:
+def applied_versions(conn: psycopg.Connection) -> set[int]:
     exists = conn.execute("SELECT to_regclass('crm_bridge.schema_version') IS NOT NULL").fetchone()
     if not exists or not exists[0]:
-        return 0
-    row = conn.execute(Q.schema_version).fetchone()
-    return int(row[0]) if row else 0
+        return set()
+    return {int(r[0]) for r in conn.execute("SELECT version FROM crm_bridge.schema_version")}
+
+
+def installed_version(conn: psycopg.Connection) -> int:
+    """The highest applied migration (0 when crm_bridge is not installed)."""
+    return max(applied_versions(conn), default=0)
 
 
 def latest_version() -> int:
@@ -41,9 +45,9 @@ def migrate(conn: psycopg.Connection, *, reference: bool = False) -> list[str]:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", MIGRATE_LOCK)
         conn.execute(_BOOTSTRAP)
-        current = installed_version(conn)
+        applied = applied_versions(conn)
         for m in migrations():
-            if m.version <= current:
+            if m.version in applied:
                 continue
             log.info("applying migration %04d_%s", m.version, m.name)
             conn.execute(m.text())

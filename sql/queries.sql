@@ -2,10 +2,6 @@
 -- one-line description; bridge/sqlfiles.py splits the file at those headers.
 -- Parameters use psycopg's %(name)s style.
 
--- name: schema_version
--- The installed schema version (0 when crm_bridge is not installed).
-SELECT coalesce((SELECT max(version) FROM crm_bridge.schema_version), 0) AS version;
-
 -- name: dispatch_events
 -- Move up to %(batch)s outbox events into one delivery per enabled URL and claim the sendable
 -- ones for this worker.  Returns every delivery created (unrouted ones have no url).
