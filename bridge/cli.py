@@ -86,7 +86,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
-COMMANDS = {"migrate": cmd_migrate, "run": cmd_run, "demo": cmd_demo}
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .deadletters import run
+
+    return run(args, resolve_dsn(args.dsn), "replay")
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from .deadletters import run
+
+    return run(args, resolve_dsn(args.dsn), "purge")
+
+
+COMMANDS = {"migrate": cmd_migrate, "run": cmd_run, "demo": cmd_demo, "replay": cmd_replay, "purge": cmd_purge}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, help="default per-attempt HTTP timeout, seconds")
 
     sub.add_parser("demo", help="throwaway PostgreSQL + receiver + daemon: watch the calls happen")
+
+    from .deadletters import add_filter_args
+
+    rp = sub.add_parser("replay", help="queue dead letters again (filters combine with AND)")
+    add_filter_args(rp)
+    pg = sub.add_parser("purge", help="delete dead letters (filters combine with AND)")
+    add_filter_args(pg)
     return p
 
 

@@ -36,7 +36,6 @@ from .sqlfiles import Q
 
 log = logging.getLogger("crm_bridge.daemon")
 
-RETENTION_EVERY = 60.0
 RETENTION_BATCH = 5000
 
 
@@ -73,6 +72,7 @@ class Daemon:
         self._held = 0
         self._results: list[tuple[Delivery, Outcome]] = []
         self._results_ready = anyio.Event()
+        self._flush_lock = anyio.Lock()  # shutdown must not release rows a flush is still recording
         self._wake = anyio.Event()
         self._capacity = anyio.Event()
         self._next_due = 0.0            # monotonic time at which claim_due must run again
@@ -101,7 +101,7 @@ class Daemon:
         self._pool = AsyncConnectionPool(
             s.dsn, min_size=2, max_size=6, open=False, name="crm-bridge",
             kwargs={"autocommit": True, "application_name": "crm-bridge", "connect_timeout": 10},
-            reconnect_timeout=0,
+            timeout=5,  # waiting longer for a connection only delays the reconnect loop
         )
         try:
             await self._pool.open(wait=True, timeout=30)
@@ -305,6 +305,10 @@ class Daemon:
                 await anyio.sleep(0.5)
 
     async def _flush(self) -> None:
+        async with self._flush_lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
         if not self._results:
             return
         assert self._pool is not None
@@ -367,7 +371,7 @@ class Daemon:
                         self._next_due = 0.0
                         self._wake.set()
                     await conn.execute(Q.cancel_orphans)
-                    if time.monotonic() - last_retention > RETENTION_EVERY:
+                    if time.monotonic() - last_retention > self.s.retention_interval:
                         last_retention = time.monotonic()
                         await self._retention(conn)
             except psycopg.OperationalError as exc:

@@ -46,9 +46,9 @@ class Rule:
 
 
 class Receiver:
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
-        self.port = 0
+        self.port = port
         self.calls: list[Call] = []
         self.attempts: list[Call] = []       # every request, including failed answers
         self._rules: list[tuple[str, Rule]] = []
@@ -108,13 +108,15 @@ class Receiver:
         body = await request.read()
         call = Call(request.method, request.raw_path, dict(request.headers), body, time.time())
         rule = self._rule_for(call.path) or Rule()
+        with self._cond:
+            self.attempts.append(call)  # on arrival, before any scripted delay
+            self._cond.notify_all()
         if rule.delay:
             await asyncio.sleep(rule.delay)
-        with self._cond:
-            self.attempts.append(call)
-            if 200 <= rule.status < 300 and not rule.reset:
-                self.calls.append(call)
-            self._cond.notify_all()
+        if 200 <= rule.status < 300 and not rule.reset:
+            with self._cond:
+                self.calls.append(call)  # answered with a 2xx
+                self._cond.notify_all()
         if rule.handler:
             await asyncio.get_running_loop().run_in_executor(None, rule.handler, call)
         if rule.reset and request.transport is not None:

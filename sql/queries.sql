@@ -84,7 +84,7 @@ WITH r AS (
            last_error = CASE WHEN r.attempted > 0 THEN r.error ELSE d.last_error END,
            next_attempt_at = CASE WHEN r.status = 'pending'
                                   THEN now() + r.delay * interval '1 second' END,
-           lease_until = NULL, worker = NULL, updated_at = now(),
+           lease_until = NULL, updated_at = now(),
            finished_at = CASE WHEN r.status IN ('delivered', 'dead') THEN now() END
       FROM r
      WHERE d.id = r.id AND d.status = 'in_flight' AND d.worker = %(worker)s
@@ -138,3 +138,21 @@ SELECT pg_advisory_lock(1668441442, 1);
 -- name: idle_unlock
 -- Released as soon as the daemon is busy again: writers skip NOTIFY while it drains.
 SELECT pg_advisory_unlock(1668441442, 1);
+
+-- name: dead_letter_count
+-- How many dead letters match the replay/purge filters.
+SELECT count(*) FROM crm_bridge.dead_letters(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s);
+
+-- name: dead_letter_sample
+-- A few matching dead letters, for --dry-run.
+SELECT id, object, event, ids, url, attempts, last_status, last_error, finished_at
+  FROM crm_bridge.dead_letters(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s)
+ ORDER BY id LIMIT %(limit)s;
+
+-- name: replay_batch
+-- Queue up to %(limit)s matching dead letters again.
+SELECT crm_bridge.replay(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s, %(limit)s);
+
+-- name: purge_batch
+-- Delete up to %(limit)s matching dead letters.
+SELECT crm_bridge.purge(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s, %(limit)s);

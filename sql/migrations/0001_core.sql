@@ -172,6 +172,7 @@ CREATE TABLE crm_bridge.delivery (
     CHECK (status <> 'pending' OR next_attempt_at IS NOT NULL)
 );
 COMMENT ON TABLE crm_bridge.delivery IS 'One row per (event, URL): delivery state, attempts, last outcome';
+COMMENT ON COLUMN crm_bridge.delivery.worker IS 'daemon holding the delivery (in_flight), else the last one that attempted it';
 CREATE INDEX delivery_pending_idx ON crm_bridge.delivery (trigger_id, next_attempt_at, id) WHERE status = 'pending';
 CREATE INDEX delivery_in_flight_idx ON crm_bridge.delivery (lease_until) WHERE status = 'in_flight';
 CREATE INDEX delivery_dead_idx ON crm_bridge.delivery (trigger_id, finished_at) WHERE status = 'dead';
@@ -326,3 +327,75 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION crm_bridge.detach(regclass) IS 'Remove the capture triggers from a table';
+
+-- ---------------------------------------------------------------------------------------------
+-- Dead letters: replay and purge, also callable from psql.  Every filter is optional (NULL = any);
+-- p_limit bounds one call so that large sets can be processed in batches with progress.
+-- ---------------------------------------------------------------------------------------------
+CREATE FUNCTION crm_bridge.dead_letters(
+    p_trigger_id bigint DEFAULT NULL, p_url text DEFAULT NULL, p_object text DEFAULT NULL,
+    p_since timestamptz DEFAULT NULL, p_until timestamptz DEFAULT NULL, p_ids bigint[] DEFAULT NULL)
+RETURNS SETOF crm_bridge.delivery
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, crm_bridge
+AS $$
+    SELECT d.* FROM crm_bridge.delivery d
+     WHERE d.status = 'dead'
+       AND (p_trigger_id IS NULL OR d.trigger_id = p_trigger_id)
+       AND (p_url IS NULL OR d.url = p_url
+            OR d.trigger_id IN (SELECT t.id FROM crm_bridge.crm_trigger t WHERE t.url = p_url))
+       AND (p_object IS NULL OR d.object = p_object)
+       AND (p_since IS NULL OR d.event_created_at >= p_since)
+       AND (p_until IS NULL OR d.event_created_at < p_until)
+       AND (p_ids IS NULL OR d.id = ANY (p_ids))
+$$;
+COMMENT ON FUNCTION crm_bridge.dead_letters(bigint, text, text, timestamptz, timestamptz, bigint[]) IS
+    'Dead deliveries matching the filters (NULL = any); time range applies to when the change happened';
+
+CREATE FUNCTION crm_bridge.replay(
+    p_trigger_id bigint DEFAULT NULL, p_url text DEFAULT NULL, p_object text DEFAULT NULL,
+    p_since timestamptz DEFAULT NULL, p_until timestamptz DEFAULT NULL, p_ids bigint[] DEFAULT NULL,
+    p_limit integer DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, crm_bridge
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    WITH picked AS (
+        SELECT x.id FROM crm_bridge.dead_letters(p_trigger_id, p_url, p_object, p_since, p_until, p_ids) x
+         WHERE x.trigger_id IS NOT NULL
+         ORDER BY x.id LIMIT p_limit)
+    UPDATE crm_bridge.delivery d
+       SET status = 'pending', attempts = 0, next_attempt_at = now(), finished_at = NULL,
+           lease_until = NULL, updated_at = now()
+      FROM picked WHERE d.id = picked.id AND d.status = 'dead';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION crm_bridge.replay(bigint, text, text, timestamptz, timestamptz, bigint[], integer) IS
+    'Queue matching dead letters again (attempts restart at 0; history stays in crm_bridge.attempt)';
+
+CREATE FUNCTION crm_bridge.purge(
+    p_trigger_id bigint DEFAULT NULL, p_url text DEFAULT NULL, p_object text DEFAULT NULL,
+    p_since timestamptz DEFAULT NULL, p_until timestamptz DEFAULT NULL, p_ids bigint[] DEFAULT NULL,
+    p_limit integer DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, crm_bridge
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    DELETE FROM crm_bridge.delivery d
+     WHERE d.id IN (SELECT x.id FROM crm_bridge.dead_letters(p_trigger_id, p_url, p_object, p_since, p_until, p_ids) x
+                     ORDER BY x.id LIMIT p_limit)
+       AND d.status = 'dead';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION crm_bridge.purge(bigint, text, text, timestamptz, timestamptz, bigint[], integer) IS
+    'Delete matching dead letters and their attempt history';
