@@ -43,6 +43,7 @@ class Delivery:
     retry_schedule: list[timedelta] | None
     max_in_flight: int | None
     id_params: list[str]
+    ordered: bool = False
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Delivery:

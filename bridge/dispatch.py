@@ -251,11 +251,10 @@ class Daemon:
         pending = 0
         for row in rows:
             status = row["status"]
-            if status == "unrouted":
-                self.stats.unrouted += 1
-                continue
-            if status == "pending":
-                pending += 1
+            if status != "in_flight":
+                # unrouted/coalesced are finished already; pending waits for a free slot or its turn.
+                self.stats.unrouted += status == "unrouted"
+                pending += status == "pending"
                 continue
             d = Delivery.from_row(row)
             assert d.trigger_id is not None
@@ -328,6 +327,10 @@ class Daemon:
         except BaseException:
             self._results = batch + self._results
             raise
+        if any(d.ordered for d, _ in batch):
+            # The next call for these records may be claimable now that this one is recorded.
+            self._next_due = 0.0
+            self._wake.set()
         soonest = min((o.delay for _, o in batch if o.status == "pending"), default=math.inf)
         if soonest < math.inf:
             self._next_due = min(self._next_due, time.monotonic() + soonest)

@@ -62,7 +62,7 @@ class Receiver:
         return f"http://{self.host}:{self.port}{path}"
 
     def answer(self, prefix: str, rule: Rule) -> None:
-        """Answer calls to paths starting with ``prefix`` by ``rule`` (newest rule wins)."""
+        """Answer calls whose target (path and query) starts with ``prefix`` by ``rule`` (newest wins)."""
         with self._cond:
             self._rules.insert(0, (prefix, rule))
 
@@ -70,10 +70,10 @@ class Receiver:
         with self._cond:
             self._rules.clear()
 
-    def _rule_for(self, path: str) -> Rule | None:
+    def _rule_for(self, target: str) -> Rule | None:
         with self._cond:
             for i, (prefix, rule) in enumerate(self._rules):
-                if path.startswith(prefix):
+                if target.startswith(prefix):
                     if rule.times is not None:
                         rule.times -= 1
                         if rule.times <= 0:
@@ -107,7 +107,7 @@ class Receiver:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         call = Call(request.method, request.raw_path, dict(request.headers), body, time.time())
-        rule = self._rule_for(call.path) or Rule()
+        rule = self._rule_for(call.target) or Rule()
         with self._cond:
             self.attempts.append(call)  # on arrival, before any scripted delay
             self._cond.notify_all()

@@ -3,41 +3,66 @@
 -- Parameters use psycopg's %(name)s style.
 
 -- name: dispatch_events
--- Move up to %(batch)s outbox events into one delivery per enabled URL and claim the sendable
+-- Move up to %(batch)s outbox events into one delivery per interested URL and claim the sendable
 -- ones for this worker.  Returns every delivery created (unrouted ones have no url).
 WITH ev AS (
     DELETE FROM crm_bridge.event
      WHERE id = ANY (ARRAY(SELECT e.id FROM crm_bridge.event e
                             ORDER BY e.id LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
-    RETURNING id, object, event, ids, created_at, origin_role, origin
+    RETURNING id, object, event, ids, created_at, origin_role, origin, changed
 ), routed AS (
-    -- Per URL, the first `free` deliveries are claimed now; the rest wait as pending so that
-    -- one URL never holds more than its max_in_flight in this worker.
-    SELECT ev.*, t.id AS trigger_id, t.url,
-           CASE WHEN t.id IS NULL THEN 'unrouted'
-                WHEN t.paused OR row_number() OVER (PARTITION BY t.id ORDER BY ev.id)
-                                 > coalesce(f.free, t.max_in_flight, %(default_limit)s) THEN 'pending'
-                ELSE 'in_flight' END AS status
+    SELECT ev.*, ev.ids::text AS record_key, t.id AS trigger_id, t.url, t.paused, t.ordered, t.coalesce_edits,
+           row_number() OVER (PARTITION BY t.id ORDER BY ev.id) AS n_url,
+           row_number() OVER (PARTITION BY t.id, ev.ids::text ORDER BY ev.id) AS n_record,
+           row_number() OVER (PARTITION BY t.id, ev.ids::text, ev.event ORDER BY ev.id) AS n_record_event,
+           coalesce(f.free, t.max_in_flight, %(default_limit)s) AS free
       FROM ev
       LEFT JOIN crm_bridge.crm_trigger t
              ON t.object = ev.object AND t.event = ev.event AND t.enabled
+            -- echo suppression and column filters
+            AND (ev.origin_role IS NULL OR t.exclude_roles IS NULL OR NOT ev.origin_role = ANY (t.exclude_roles))
+            AND (ev.origin IS NULL OR t.exclude_origins IS NULL OR NOT ev.origin = ANY (t.exclude_origins))
+            AND (t.only_columns IS NULL OR ev.changed IS NULL OR ev.changed && t.only_columns)
       LEFT JOIN unnest(%(busy_ids)s::bigint[], %(busy_free)s::int[]) AS f(trigger_id, free)
              ON f.trigger_id = t.id
+), decided AS (
+    SELECT r.*,
+           CASE WHEN r.trigger_id IS NULL THEN 'unrouted'
+                -- An edit whose record already has an unsent edit call (queued, or earlier in
+                -- this batch) needs no call of its own: the receiver reads the current record.
+                WHEN r.coalesce_edits AND r.event = 'edit'
+                     AND (r.n_record_event > 1
+                          OR EXISTS (SELECT 1 FROM crm_bridge.delivery y
+                                      WHERE y.trigger_id = r.trigger_id AND y.record_key = r.record_key
+                                        AND y.status = 'pending' AND y.event = 'edit')) THEN 'coalesced'
+                WHEN r.paused OR r.n_url > r.free THEN 'pending'
+                -- Ordered URLs: one call per record at a time, in commit (= event id) order.
+                WHEN r.ordered
+                     AND (r.n_record > 1
+                          OR EXISTS (SELECT 1 FROM crm_bridge.delivery y
+                                      WHERE y.ordered AND y.trigger_id = r.trigger_id
+                                        AND y.record_key = r.record_key
+                                        AND y.status IN ('pending', 'in_flight'))) THEN 'pending'
+                ELSE 'in_flight' END AS status
+      FROM routed r
 ), ins AS (
     INSERT INTO crm_bridge.delivery (event_id, object, event, ids, event_created_at, trigger_id, url,
-                                     status, next_attempt_at, lease_until, worker, finished_at)
-    SELECT r.id, r.object, r.event, r.ids, r.created_at, r.trigger_id, r.url, r.status,
-           CASE WHEN r.status <> 'unrouted' THEN now() END,
-           CASE WHEN r.status = 'in_flight' THEN now() + %(lease)s::interval END,
-           CASE WHEN r.status = 'in_flight' THEN %(worker)s END,
-           CASE WHEN r.status = 'unrouted' THEN now() END
-      FROM routed r
-     ORDER BY r.id, r.trigger_id
-    RETURNING id, event_id, object, event, ids, event_created_at, trigger_id, status, attempts
+                                     record_key, ordered, status, next_attempt_at, lease_until, worker,
+                                     finished_at, last_error)
+    SELECT d.id, d.object, d.event, d.ids, d.created_at, d.trigger_id, d.url, d.record_key,
+           coalesce(d.ordered, false), d.status,
+           CASE WHEN d.status IN ('pending', 'in_flight') THEN now() END,
+           CASE WHEN d.status = 'in_flight' THEN now() + %(lease)s::interval END,
+           CASE WHEN d.status = 'in_flight' THEN %(worker)s END,
+           CASE WHEN d.status IN ('unrouted', 'coalesced') THEN now() END,
+           CASE WHEN d.status = 'coalesced' THEN 'folded into an earlier unsent edit call for this record' END
+      FROM decided d
+     ORDER BY d.id, d.trigger_id
+    RETURNING id, event_id, object, event, ids, event_created_at, trigger_id, status, attempts, ordered
 )
 SELECT ins.id, ins.event_id, ins.object, ins.event, ins.ids, ins.event_created_at, ins.status,
        ins.attempts, t.id AS trigger_id, t.url, t.timeout_ms, t.max_attempts, t.retry_schedule,
-       t.max_in_flight, o.id_params
+       t.max_in_flight, o.id_params, ins.ordered
   FROM ins
   LEFT JOIN crm_bridge.crm_trigger t ON t.id = ins.trigger_id
   JOIN crm_bridge.object_type o ON o.object = ins.object
@@ -58,6 +83,10 @@ UPDATE crm_bridge.delivery d
             CROSS JOIN LATERAL (
                   SELECT x.id FROM crm_bridge.delivery x
                    WHERE x.trigger_id = pt.id AND x.status = 'pending' AND x.next_attempt_at <= now()
+                     AND (NOT x.ordered OR NOT EXISTS (
+                              SELECT 1 FROM crm_bridge.delivery y
+                               WHERE y.ordered AND y.trigger_id = x.trigger_id AND y.record_key = x.record_key
+                                 AND y.status IN ('pending', 'in_flight') AND y.event_id < x.event_id))
                    ORDER BY x.next_attempt_at, x.id
                    LIMIT least(coalesce(f.free, pt.max_in_flight, %(default_limit)s), %(batch)s)
                      FOR UPDATE SKIP LOCKED) p
@@ -66,7 +95,7 @@ UPDATE crm_bridge.delivery d
    AND t.id = d.trigger_id AND o.object = d.object
 RETURNING d.id, d.event_id, d.object, d.event, d.ids, d.event_created_at, d.status, d.attempts,
           t.id AS trigger_id, t.url, t.timeout_ms, t.max_attempts, t.retry_schedule,
-          t.max_in_flight, o.id_params;
+          t.max_in_flight, o.id_params, d.ordered;
 
 -- name: complete
 -- Record the outcome of finished attempts in one statement; failed attempts also get a row in
@@ -126,7 +155,7 @@ UPDATE crm_bridge.delivery
 -- Delete up to %(batch)s finished deliveries (and their attempts) older than the retention period.
 DELETE FROM crm_bridge.delivery
  WHERE id = ANY (ARRAY(SELECT id FROM crm_bridge.delivery
-                        WHERE status IN ('delivered', 'unrouted', 'cancelled')
+                        WHERE status IN ('delivered', 'unrouted', 'cancelled', 'coalesced')
                           AND finished_at < now() - %(retention)s::interval
                         ORDER BY finished_at
                         LIMIT %(batch)s));

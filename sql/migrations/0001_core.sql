@@ -40,6 +40,13 @@ CREATE TABLE crm_bridge.crm_trigger (
     max_attempts   integer CHECK (max_attempts BETWEEN 1 AND 100),
     retry_schedule interval[],
     max_in_flight  integer CHECK (max_in_flight BETWEEN 1 AND 1000),
+    -- Echo suppression and filters (NULL = no filter)
+    exclude_roles   name[],
+    exclude_origins text[],
+    only_columns    text[],
+    -- Per-record ordering and coalescing of queued edits
+    ordered         boolean NOT NULL DEFAULT false,
+    coalesce_edits  boolean NOT NULL DEFAULT false,
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT crm_trigger_object_event_url_key UNIQUE (object, event, url)
@@ -50,6 +57,16 @@ COMMENT ON COLUMN crm_bridge.crm_trigger.enabled IS
     'false: the URL is switched off; new events are not queued for it and its queued deliveries are held';
 COMMENT ON COLUMN crm_bridge.crm_trigger.paused IS
     'true: deliveries keep queuing for this URL but are not sent until paused is set back to false';
+COMMENT ON COLUMN crm_bridge.crm_trigger.exclude_roles IS
+    'changes made by sessions logged in as one of these roles are not sent to this URL (echo suppression)';
+COMMENT ON COLUMN crm_bridge.crm_trigger.exclude_origins IS
+    'changes made by sessions that SET crm_bridge.origin to one of these values are not sent to this URL';
+COMMENT ON COLUMN crm_bridge.crm_trigger.only_columns IS
+    'edit events only: call only when one of these columns changed';
+COMMENT ON COLUMN crm_bridge.crm_trigger.ordered IS
+    'calls for the same record are made one at a time, in commit order; a failing call holds back only its record';
+COMMENT ON COLUMN crm_bridge.crm_trigger.coalesce_edits IS
+    'an edit whose record already has an unsent edit call queued for this URL is folded into that call';
 
 -- Validation with messages that name the problem (the unique constraint stays as the backstop
 -- against concurrent inserts).
@@ -100,6 +117,14 @@ BEGIN
         RAISE EXCEPTION 'url is % characters long (at most 2000)', length(NEW.url)
             USING ERRCODE = 'check_violation';
     END IF;
+    IF NEW.only_columns IS NOT NULL AND NEW.event <> 'edit' THEN
+        RAISE EXCEPTION 'only_columns applies to edit events, not "%"', NEW.event
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.coalesce_edits AND NEW.event <> 'edit' THEN
+        RAISE EXCEPTION 'coalesce_edits applies to edit events, not "%"', NEW.event
+            USING ERRCODE = 'check_violation';
+    END IF;
     IF NEW.retry_schedule IS NOT NULL AND (
         cardinality(NEW.retry_schedule) = 0
         OR EXISTS (SELECT 1 FROM unnest(NEW.retry_schedule) s WHERE s IS NULL OR s < interval '0')) THEN
@@ -122,6 +147,22 @@ CREATE TRIGGER crm_trigger_validate
     BEFORE INSERT OR UPDATE ON crm_bridge.crm_trigger
     FOR EACH ROW EXECUTE FUNCTION crm_bridge.crm_trigger_validate_v1();
 
+-- A configuration change (e.g. a URL resumed) wakes the daemons at once; config changes are rare,
+-- so this NOTIFY costs nothing that matters.
+CREATE FUNCTION crm_bridge.crm_trigger_changed_v1() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, crm_bridge
+AS $$
+BEGIN
+    PERFORM pg_notify('crm_bridge', '{"xid":' || pg_current_xact_id()::text || '}');
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER crm_trigger_changed
+    AFTER INSERT OR UPDATE OR DELETE ON crm_bridge.crm_trigger
+    FOR EACH STATEMENT EXECUTE FUNCTION crm_bridge.crm_trigger_changed_v1();
+
 -- ---------------------------------------------------------------------------------------------
 -- Outbox: one row per captured change, written in the CRM writer's own transaction.  Holds only
 -- events not yet dispatched; the daemon moves them into crm_bridge.delivery.  A single index
@@ -134,8 +175,10 @@ CREATE TABLE crm_bridge.event (
     ids         text[] NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     origin_role name,
-    origin      text
+    origin      text,
+    changed     text[]
 );
+COMMENT ON COLUMN crm_bridge.event.changed IS 'edit events: the names of the columns that changed';
 COMMENT ON TABLE crm_bridge.event IS 'Outbox of captured CRM changes not yet dispatched by a daemon';
 ALTER TABLE crm_bridge.event SET (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000);
 
@@ -147,6 +190,7 @@ ALTER TABLE crm_bridge.event SET (autovacuum_vacuum_scale_factor = 0.01, autovac
 --   dead       gave up (permanent failure or attempts exhausted); kept until replayed or purged
 --   unrouted   no enabled URL was configured for the event when it was dispatched
 --   cancelled  its crm_trigger row was deleted before it could be delivered
+--   coalesced  an edit folded into an earlier, still unsent edit call for the same record and URL
 -- ---------------------------------------------------------------------------------------------
 CREATE TABLE crm_bridge.delivery (
     id               bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
@@ -157,8 +201,10 @@ CREATE TABLE crm_bridge.delivery (
     event_created_at timestamptz NOT NULL,
     trigger_id       bigint REFERENCES crm_bridge.crm_trigger (id) ON DELETE SET NULL,
     url              text,
+    record_key       text NOT NULL,
+    ordered          boolean NOT NULL DEFAULT false,
     status           text NOT NULL
-        CHECK (status IN ('pending', 'in_flight', 'delivered', 'dead', 'unrouted', 'cancelled')),
+        CHECK (status IN ('pending', 'in_flight', 'delivered', 'dead', 'unrouted', 'cancelled', 'coalesced')),
     attempts         integer NOT NULL DEFAULT 0,
     next_attempt_at  timestamptz,
     lease_until      timestamptz,
@@ -177,7 +223,12 @@ CREATE INDEX delivery_pending_idx ON crm_bridge.delivery (trigger_id, next_attem
 CREATE INDEX delivery_in_flight_idx ON crm_bridge.delivery (lease_until) WHERE status = 'in_flight';
 CREATE INDEX delivery_dead_idx ON crm_bridge.delivery (trigger_id, finished_at) WHERE status = 'dead';
 CREATE INDEX delivery_finished_idx ON crm_bridge.delivery (finished_at)
-    WHERE status IN ('delivered', 'unrouted', 'cancelled');
+    WHERE status IN ('delivered', 'unrouted', 'cancelled', 'coalesced');
+-- Only deliveries to ordered / coalescing URLs pay for these two.
+CREATE INDEX delivery_ordered_idx ON crm_bridge.delivery (trigger_id, record_key, event_id)
+    WHERE ordered AND status IN ('pending', 'in_flight');
+CREATE INDEX delivery_pending_edit_idx ON crm_bridge.delivery (trigger_id, record_key)
+    WHERE status = 'pending' AND event = 'edit';
 CREATE INDEX delivery_trigger_idx ON crm_bridge.delivery (trigger_id);
 
 -- Failed attempts (successes are recorded on the delivery row itself, to halve the writes).
@@ -220,7 +271,9 @@ SET search_path = pg_catalog, crm_bridge
 AS $$
 DECLARE
     r         jsonb;
+    o         jsonb;
     id_values text[] := '{}';
+    changed   text[];
     i         integer;
 BEGIN
     IF TG_OP = 'DELETE' THEN
@@ -231,10 +284,15 @@ BEGIN
     FOR i IN 1 .. TG_NARGS - 1 LOOP
         id_values := id_values || (r ->> TG_ARGV[i]);
     END LOOP;
-    INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin)
+    IF TG_OP = 'UPDATE' THEN
+        o := to_jsonb(OLD);
+        SELECT array_agg(n.key ORDER BY n.key) INTO changed
+          FROM jsonb_each(r) n WHERE n.value IS DISTINCT FROM o -> n.key;
+    END IF;
+    INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin, changed)
     VALUES (TG_ARGV[0],
             CASE TG_OP WHEN 'INSERT' THEN 'create' WHEN 'UPDATE' THEN 'edit' ELSE 'delete' END,
-            id_values, session_user, current_setting('crm_bridge.origin', true));
+            id_values, session_user, current_setting('crm_bridge.origin', true), changed);
     IF NOT pg_try_advisory_xact_lock_shared(1668441442, 1)
        AND pg_notification_queue_usage() < 0.5 THEN
         -- Same payload for the whole transaction: PostgreSQL folds duplicates into one.
