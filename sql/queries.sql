@@ -37,12 +37,16 @@ WITH ev AS (
                                         AND y.status = 'pending' AND y.event = 'edit')) THEN 'coalesced'
                 WHEN r.paused OR r.n_url > r.free THEN 'pending'
                 -- Ordered URLs: one call per record at a time, in commit (= event id) order.
+                -- An earlier event of the record still in the outbox is being dispatched by
+                -- another daemon right now: wait for it too.
                 WHEN r.ordered
                      AND (r.n_record > 1
                           OR EXISTS (SELECT 1 FROM crm_bridge.delivery y
                                       WHERE y.ordered AND y.trigger_id = r.trigger_id
                                         AND y.record_key = r.record_key
-                                        AND y.status IN ('pending', 'in_flight'))) THEN 'pending'
+                                        AND y.status IN ('pending', 'in_flight'))
+                          OR EXISTS (SELECT 1 FROM crm_bridge.event e2
+                                      WHERE e2.id < r.id AND e2.object = r.object AND e2.ids = r.ids)) THEN 'pending'
                 ELSE 'in_flight' END AS status
       FROM routed r
 ), ins AS (
@@ -83,10 +87,12 @@ UPDATE crm_bridge.delivery d
             CROSS JOIN LATERAL (
                   SELECT x.id FROM crm_bridge.delivery x
                    WHERE x.trigger_id = pt.id AND x.status = 'pending' AND x.next_attempt_at <= now()
-                     AND (NOT x.ordered OR NOT EXISTS (
-                              SELECT 1 FROM crm_bridge.delivery y
-                               WHERE y.ordered AND y.trigger_id = x.trigger_id AND y.record_key = x.record_key
-                                 AND y.status IN ('pending', 'in_flight') AND y.event_id < x.event_id))
+                     AND (NOT x.ordered OR (
+                          NOT EXISTS (SELECT 1 FROM crm_bridge.delivery y
+                                       WHERE y.ordered AND y.trigger_id = x.trigger_id AND y.record_key = x.record_key
+                                         AND y.status IN ('pending', 'in_flight') AND y.event_id < x.event_id)
+                          AND NOT EXISTS (SELECT 1 FROM crm_bridge.event e2
+                                           WHERE e2.id < x.event_id AND e2.object = x.object AND e2.ids = x.ids)))
                    ORDER BY x.next_attempt_at, x.id
                    LIMIT least(coalesce(f.free, pt.max_in_flight, %(default_limit)s), %(batch)s)
                      FOR UPDATE SKIP LOCKED) p
