@@ -94,12 +94,15 @@ class Listener:
         """Wait for a well-formed wake-up NOTIFY; True if one came, False on timeout."""
         conn = self._require()
         deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
+        woke = False
+        while not woke and (remaining := deadline - time.monotonic()) > 0:
+            # One packet may carry several notifications: look at all of them before returning.
             async for n in conn.notifies(timeout=remaining, stop_after=1):
                 if valid_payload(n.payload):
-                    return True
-                self._note_malformed(n)
-        return False
+                    woke = True
+                else:
+                    self._note_malformed(n)
+        return woke
 
     def _note_malformed(self, n: psycopg.Notify) -> None:
         self.malformed += 1

@@ -10,13 +10,18 @@ WITH ev AS (
      WHERE id = ANY (ARRAY(SELECT e.id FROM crm_bridge.event e
                             ORDER BY e.id LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
     RETURNING id, object, event, ids, created_at, origin_role, origin, changed
+), rec AS (
+    -- Statement-level captures hold several records: ids is then 2-D, one row per record.
+    SELECT ev.id, ev.object, ev.event, ev.created_at, ev.origin_role, ev.origin, ev.changed, k AS rec_no,
+           CASE WHEN array_ndims(ev.ids) = 2 THEN ARRAY(SELECT unnest(ev.ids[k:k])) ELSE ev.ids END AS ids
+      FROM ev, generate_series(1, CASE WHEN array_ndims(ev.ids) = 2 THEN array_length(ev.ids, 1) ELSE 1 END) AS k
 ), routed AS (
     SELECT ev.*, ev.ids::text AS record_key, t.id AS trigger_id, t.url, t.paused, t.ordered, t.coalesce_edits,
-           row_number() OVER (PARTITION BY t.id ORDER BY ev.id) AS n_url,
-           row_number() OVER (PARTITION BY t.id, ev.ids::text ORDER BY ev.id) AS n_record,
-           row_number() OVER (PARTITION BY t.id, ev.ids::text, ev.event ORDER BY ev.id) AS n_record_event,
+           row_number() OVER (PARTITION BY t.id ORDER BY ev.id, ev.rec_no) AS n_url,
+           row_number() OVER (PARTITION BY t.id, ev.ids::text ORDER BY ev.id, ev.rec_no) AS n_record,
+           row_number() OVER (PARTITION BY t.id, ev.ids::text, ev.event ORDER BY ev.id, ev.rec_no) AS n_record_event,
            coalesce(f.free, t.max_in_flight, %(default_limit)s) AS free
-      FROM ev
+      FROM rec ev
       LEFT JOIN crm_bridge.crm_trigger t
              ON t.object = ev.object AND t.event = ev.event AND t.enabled
             -- echo suppression and column filters
@@ -46,7 +51,8 @@ WITH ev AS (
                                         AND y.record_key = r.record_key
                                         AND y.status IN ('pending', 'in_flight'))
                           OR EXISTS (SELECT 1 FROM crm_bridge.event e2
-                                      WHERE e2.id < r.id AND e2.object = r.object AND e2.ids = r.ids)) THEN 'pending'
+                                      WHERE e2.id < r.id AND e2.object = r.object
+                                        AND (e2.ids = r.ids OR array_ndims(e2.ids) = 2))) THEN 'pending'
                 ELSE 'in_flight' END AS status
       FROM routed r
 ), ins AS (
@@ -61,7 +67,7 @@ WITH ev AS (
            CASE WHEN d.status IN ('unrouted', 'coalesced') THEN now() END,
            CASE WHEN d.status = 'coalesced' THEN 'folded into an earlier unsent edit call for this record' END
       FROM decided d
-     ORDER BY d.id, d.trigger_id
+     ORDER BY d.id, d.rec_no, d.trigger_id
     RETURNING id, event_id, object, event, ids, event_created_at, trigger_id, status, attempts, ordered
 )
 SELECT ins.id, ins.event_id, ins.object, ins.event, ins.ids, ins.event_created_at, ins.status,
@@ -92,7 +98,8 @@ UPDATE crm_bridge.delivery d
                                        WHERE y.ordered AND y.trigger_id = x.trigger_id AND y.record_key = x.record_key
                                          AND y.status IN ('pending', 'in_flight') AND y.event_id < x.event_id)
                           AND NOT EXISTS (SELECT 1 FROM crm_bridge.event e2
-                                           WHERE e2.id < x.event_id AND e2.object = x.object AND e2.ids = x.ids)))
+                                           WHERE e2.id < x.event_id AND e2.object = x.object
+                                             AND (e2.ids = x.ids OR array_ndims(e2.ids) = 2))))
                    ORDER BY x.next_attempt_at, x.id
                    LIMIT least(coalesce(f.free, pt.max_in_flight, %(default_limit)s), %(batch)s)
                      FOR UPDATE SKIP LOCKED) p

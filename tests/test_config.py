@@ -69,7 +69,7 @@ def test_migrate_twice_is_a_noop_and_records_the_version(empty_dsn):
         assert migrate(conn, reference=True) == ["reference CRM (schema crm)"]  # idempotent re-attach
         assert conn.execute("SELECT count(*) FROM crm_bridge.schema_version").fetchone()[0] == len(migrations())
         triggers = conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'crm_bridge_emit%'").fetchone()[0]
-        assert triggers == 7  # 4 tables x insert/delete + 3 with edit (followup has none)
+        assert triggers == 11  # 4 tables x (create, delete) + 3 with edit (followup has none)
 
 
 def test_migrate_command_from_the_console_script(empty_dsn):

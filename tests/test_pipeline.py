@@ -257,3 +257,41 @@ def test_null_id_is_recorded_as_an_error_and_the_write_succeeds(db, receiver, da
 def test_sigterm_stops_the_daemon_cleanly(daemon):
     assert daemon.stop() == 0
     assert "stopped:" in daemon.log
+
+
+def test_bulk_statements_are_captured_once_and_fan_out_per_record(db, receiver, daemon):
+    db.add_url("customer", "create", receiver.url("/bulk-create"))
+    db.add_url("customer", "delete", receiver.url("/bulk-delete"))
+    n = 3000
+    db.execute("INSERT INTO crm.customer (account_id, name) SELECT 'b' || g, 'x' FROM generate_series(1, %s) g", [n])
+    calls = receiver.wait_for(n, "/bulk-create", timeout=60)
+    assert sorted(c.query for c in calls) == sorted(f"AccountID=b{i}" for i in range(1, n + 1))
+    db.execute("DELETE FROM crm.customer WHERE account_id IN ('b1', 'b2', 'b3')")
+    deleted = receiver.wait_for(3, "/bulk-delete")
+    assert sorted(c.query for c in deleted) == ["AccountID=b1", "AccountID=b2", "AccountID=b3"]
+
+
+def test_renamed_id_column_never_fails_the_write(db, receiver, daemon):
+    db.execute("CREATE TABLE public.acct (acct text, note text)")
+    db.execute("SELECT crm_bridge.attach('public.acct', 'customer', ARRAY['acct'])")
+    db.add_url("customer", "create", receiver.url("/acct"))
+    db.execute("ALTER TABLE public.acct RENAME COLUMN acct TO account")
+    db.execute("INSERT INTO public.acct VALUES ('x1', 'still works')")  # must not raise
+    db.wait_until("SELECT status FROM crm_bridge.delivery", expect="dead")
+    assert "AccountID is NULL" in db.one("SELECT last_error FROM crm_bridge.delivery")
+
+
+def test_generic_row_trigger_emit_v1_can_be_attached_by_hand(db, receiver, daemon):
+    """crm_bridge.emit_v1 is the generic FOR EACH ROW function (object, then ID columns)."""
+    db.execute("CREATE TABLE public.todo (acc text, tid text, title text)")
+    db.execute("CREATE TRIGGER todo_capture AFTER INSERT OR UPDATE OR DELETE ON public.todo FOR EACH ROW "
+               "EXECUTE FUNCTION crm_bridge.emit_v1('task', 'acc', 'tid')")
+    for event in ("create", "edit", "delete"):
+        db.add_url("task", event, receiver.url(f"/todo-{event}"))
+    db.execute("INSERT INTO public.todo VALUES ('a1', 't1', 'first')")
+    db.execute("UPDATE public.todo SET title = 'second'")
+    db.execute("DELETE FROM public.todo")
+    calls = receiver.wait_for(3)
+    assert sorted(c.target for c in calls) == ["/todo-create?AccountID=a1&TaskID=t1",
+                                               "/todo-delete?AccountID=a1&TaskID=t1",
+                                               "/todo-edit?AccountID=a1&TaskID=t1"]
