@@ -240,3 +240,48 @@ def daemon_factory(dsn: str) -> Iterator[Callable[..., DaemonProcess]]:
 def daemon(daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
     """A running daemon on this test's database."""
     return daemon_factory()
+
+
+# -- security: database roles ----------------------------------------------------------------
+class Roles:
+    """Login roles for one test: a CRM application role and members of the two crm-bridge groups."""
+
+    def __init__(self, dsn: str, suffix: str) -> None:
+        self.admin_group = f"crmb_admin_{suffix}"
+        self.daemon_group = f"crmb_daemon_{suffix}"
+        self.app = f"crm_app_{suffix}"
+        self.admin = f"crmb_admin_login_{suffix}"
+        self.daemon = f"crmb_daemon_login_{suffix}"
+        self._dsn = dsn
+
+    def dsn(self, role: str) -> str:
+        return make_conninfo(self._dsn, user=role, password="test-only-password")
+
+    def connect(self, role: str) -> psycopg.Connection:
+        return psycopg.connect(self.dsn(role), autocommit=True)
+
+    @property
+    def all(self) -> list[str]:
+        return [self.app, self.admin, self.daemon, self.admin_group, self.daemon_group]
+
+
+@pytest.fixture
+def roles(db: DB) -> Iterator[Roles]:
+    """`migrate --roles` groups (unique names) plus LOGIN roles: app (CRM rights only), admin, daemon."""
+    r = Roles(db.dsn, f"{os.getpid()}_{next(_counter)}")
+    sql = psycopg.sql
+    db.execute("SELECT crm_bridge.apply_grants(%s, %s)", [r.admin_group, r.daemon_group])
+    for login, group in ((r.app, None), (r.admin, r.admin_group), (r.daemon, r.daemon_group)):
+        db.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'test-only-password'").format(sql.Identifier(login)))
+        if group:
+            db.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(login)))
+    # The CRM application's own rights: its tables, nothing on crm_bridge.
+    db.execute(sql.SQL("GRANT USAGE ON SCHEMA crm TO {0}; "
+                       "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA crm TO {0}")
+               .format(sql.Identifier(r.app)))
+    yield r
+    db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY (%s)", [r.all])
+    for role in r.all:
+        db.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+    for role in r.all:
+        db.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
