@@ -6,16 +6,19 @@ import email.utils
 import logging
 import random
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
 import httpx
 
-from .redact import redact_url
+from .calls import CallConfigError, build_call, call_secrets
+from .http import AddressRefused
+from .redact import redact_url, scrub
 from .settings import Settings
-from .urls import MissingId, call_url
+from .urls import MissingId
 
 log = logging.getLogger("crm_bridge.deliver")
 
@@ -43,6 +46,11 @@ class Delivery:
     retry_schedule: list[timedelta] | None
     max_in_flight: int | None
     id_params: list[str]
+    # Per-URL call shape (migration 0003); defaults keep rows from older queries loadable.
+    method: str | None = None
+    headers: Any = None                     # crm_trigger.headers (jsonb): {"Name": "value"}
+    follow_redirects: bool | None = None
+    signing_secret: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Delivery:
@@ -112,33 +120,52 @@ class RetryPolicy:
 
 
 async def attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, settings: Settings) -> Outcome:
-    """Make one call and judge it.  Never raises (except cancellation)."""
+    """Make one call and judge it.  Never raises (except cancellation).
+
+    Error texts are scrubbed of every configured secret (URL credentials, header values, the
+    signing secret) before they reach the delivery row, the attempt history or a log line.
+    """
     assert d.url is not None
+    secrets = call_secrets(d)
     try:
-        url = call_url(d.url, d.id_params, d.ids)
-    except MissingId as exc:
-        return Outcome("dead", error=str(exc))
+        call = build_call(d)
+    except (MissingId, CallConfigError) as exc:
+        return Outcome("dead", error=scrub(str(exc), secrets))
     timeout = d.timeout_ms / 1000.0 if d.timeout_ms else settings.timeout
+    follow = settings.follow_redirects if d.follow_redirects is None else d.follow_redirects
     started = time.monotonic()
     status: int | None = None
     error: str | None = None
     retry_after: str | None = None
+    refused = False
     try:
         with anyio.fail_after(timeout):
-            resp = await client.get(url, timeout=timeout)
+            request = client.build_request(call.method, call.url, headers=call.headers,
+                                           content=call.body or None, timeout=timeout)
+            resp = await client.send(request, follow_redirects=follow)
         status = resp.status_code
         retry_after = resp.headers.get("retry-after")
-        if status >= 300:
+        if 300 <= status < 400 and "location" in resp.headers:
+            hint = "too many redirects" if follow else "not followed: follow_redirects is off for this URL"
+            error = f"HTTP {status} redirect to {redact_url(resp.headers['location'])} ({hint})"
+        elif status >= 300:
             snippet = resp.content[:200].decode("utf-8", "replace").strip()
             error = f"HTTP {status}" + (f": {snippet}" if snippet else "")
     except TimeoutError:
         error = f"timed out after {timeout:g} s"
+    except AddressRefused as exc:
+        refused = True
+        error = f"refused by the address policy, nothing was sent: {exc}"
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     except Exception as exc:  # a bug or an odd URL must not kill the daemon
-        log.exception("unexpected error calling %s", redact_url(url))
         error = f"{type(exc).__name__}: {exc}"
+        log.error("unexpected error calling %s: %s", redact_url(call.url),
+                  scrub("".join(traceback.format_exception(exc)), secrets))
     duration_ms = int((time.monotonic() - started) * 1000)
     if error:
-        error = error.replace(url, redact_url(url)).replace(d.url, redact_url(d.url))
+        error = scrub(error.replace(call.url, redact_url(call.url)).replace(d.url, redact_url(d.url)), secrets)
+    if refused:
+        # The policy will refuse the next attempt too: a dead letter now, not seven more tries.
+        return Outcome("dead", error=f"permanent failure: {error}"[:MAX_ERROR_LEN], duration_ms=duration_ms)
     return policy.judge(d, status=status, error=error, retry_after=retry_after, duration_ms=duration_ms)
