@@ -136,13 +136,13 @@ class BridgeTransport(httpx.AsyncBaseTransport):
         if (literal := _ip_literal(host)) is not None:
             self._policy.check(host, literal)
         timeout = request.extensions.get("timeout", {})
-        body = request.content or None
+        body = await request.aread() or None  # redirected requests carry a stream, not bytes
         session = self._get_session()
         try:
             async with session.request(
                 request.method,
                 URL(str(request.url), encoded=True),
-                headers=list(request.headers.multi_items()),
+                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
                 data=body,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(sock_connect=timeout.get("connect"),
