@@ -141,7 +141,9 @@ class BridgeTransport(httpx.AsyncBaseTransport):
         try:
             async with session.request(
                 request.method,
-                URL(str(request.url), encoded=True),
+                # httpx already turned user:password@ into an Authorization header; aiohttp
+                # refuses a request that has both.
+                URL(str(request.url), encoded=True).with_user(None),
                 headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
                 data=body,
                 allow_redirects=False,

@@ -74,6 +74,19 @@ def test_bad_static_headers_are_rejected_naming_the_header_not_its_value(db, hea
     assert "X-Injected" not in str(exc.value)
 
 
+def test_url_credentials_are_sent_as_basic_auth(db, receiver, daemon):
+    db.add_url("customer", "create", receiver.url("/basic").replace("http://", "http://bob:pa%40ss@"))
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-b', 'x')")
+    [call] = receiver.wait_for(1)
+    assert call.headers["Authorization"] == "Basic Ym9iOnBhQHNz"  # bob:pa@ss
+    assert call.target == "/basic?AccountID=acc-b"
+
+
+def test_url_credentials_and_an_authorization_header_are_not_combined(db):
+    with pytest.raises(psycopg.errors.CheckViolation, match=r"url has credentials .* and headers set Authorization"):
+        db.add_url("customer", "create", "http://u:p@127.0.0.1:9/h", headers=Jsonb({"authorization": "Bearer x"}))
+
+
 def test_unsupported_method_is_rejected(db):
     with pytest.raises(psycopg.errors.CheckViolation, match='method "PUT" is not supported'):
         db.add_url("customer", "create", "http://127.0.0.1:9/h", method="put")

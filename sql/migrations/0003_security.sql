@@ -95,6 +95,11 @@ BEGIN
         IF n > 50 THEN
             RAISE EXCEPTION 'at most 50 headers per URL (got %)', n USING ERRCODE = 'check_violation';
         END IF;
+        IF NEW.url ~ '^[A-Za-z]+://[^/?#]*@'
+           AND EXISTS (SELECT 1 FROM jsonb_object_keys(NEW.headers) h WHERE lower(h) = 'authorization') THEN
+            RAISE EXCEPTION 'url has credentials (user:password@) and headers set Authorization: use one or the other'
+                USING ERRCODE = 'check_violation';
+        END IF;
     END IF;
     RETURN NEW;
 END
