@@ -132,7 +132,8 @@ def build_call(d: Delivery, *, now: float | None = None) -> Call:
     if method not in METHODS:
         raise CallConfigError(f"crm_trigger {d.trigger_id}: method {method[:20]!r} is not GET or POST")
     headers = static_headers(d.headers, d.trigger_id)
-    if "@" in urlsplit(d.url).netloc and any(n.lower() == "authorization" for n, _ in headers):
+    authority = d.url.partition("://")[2].split("/", 1)[0].split("?", 1)[0]
+    if "@" in authority and any(n.lower() == "authorization" for n, _ in headers):
         raise CallConfigError(f"crm_trigger {d.trigger_id}: the URL has credentials and headers set "
                               "Authorization: use one or the other")
     if method == "GET":

@@ -131,6 +131,9 @@ async def attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, s
         call = build_call(d)
     except (MissingId, CallConfigError) as exc:
         return Outcome("dead", error=scrub(str(exc), secrets))
+    except Exception as exc:  # an odd URL or a bug: one dead delivery, never a dead daemon
+        return Outcome("dead", error=scrub(f"cannot build the request for {redact_url(d.url)}: "
+                                           f"{type(exc).__name__}: {exc}", secrets)[:MAX_ERROR_LEN])
     timeout = d.timeout_ms / 1000.0 if d.timeout_ms else settings.timeout
     follow = settings.follow_redirects if d.follow_redirects is None else d.follow_redirects
     started = time.monotonic()
@@ -139,9 +142,12 @@ async def attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, s
     retry_after: str | None = None
     refused = False
     try:
+        request = client.build_request(call.method, call.url, headers=call.headers,
+                                       content=call.body or None, timeout=timeout)
+    except (httpx.InvalidURL, ValueError) as exc:  # e.g. malformed punycode (idna.IDNAError)
+        return Outcome("dead", error=scrub(f"invalid URL {redact_url(call.url)}: {exc}", secrets)[:MAX_ERROR_LEN])
+    try:
         with anyio.fail_after(timeout):
-            request = client.build_request(call.method, call.url, headers=call.headers,
-                                           content=call.body or None, timeout=timeout)
             resp = await client.send(request, follow_redirects=follow)
         status = resp.status_code
         retry_after = resp.headers.get("retry-after")

@@ -38,6 +38,8 @@ DECLARE
         'te', 'trailer', 'upgrade', 'expect', 'proxy-authorization', 'proxy-connection',
         'idempotency-key', 'webhook-id', 'webhook-timestamp', 'webhook-signature'];
     port   text;
+    host   text;
+    ok     boolean;
     k      text;
     v      jsonb;
     n      integer := 0;
@@ -46,6 +48,25 @@ BEGIN
     port := substring(NEW.url FROM '^[A-Za-z]+://(?:[^/?#@]*@)?(?:\[[0-9A-Fa-f:.]+\]|[^/?#@:\[\]]+):([0-9]{1,5})(?:[/?]|$)');
     IF port IS NOT NULL AND (port::integer < 1 OR port::integer > 65535) THEN
         RAISE EXCEPTION 'url "%" has port %, outside 1-65535', NEW.url, port
+            USING ERRCODE = 'check_violation';
+    END IF;
+    host := substring(NEW.url FROM '^[A-Za-z]+://(?:[^/?#@]*@)?(\[[^\]]*\])');
+    IF host IS NOT NULL THEN
+        BEGIN  -- config validation only, never on the CRM write path
+            ok := family(substr(host, 2, length(host) - 2)::inet) = 6;
+        EXCEPTION WHEN invalid_text_representation THEN
+            ok := false;
+        END;
+        IF NOT ok THEN
+            RAISE EXCEPTION 'url "%" has an invalid IPv6 address %', NEW.url, host
+                USING ERRCODE = 'check_violation';
+        END IF;
+    END IF;
+    -- A host shaped like a dotted quad must be a valid one (the HTTP client refuses 256.1.1.1).
+    host := substring(NEW.url FROM '^[A-Za-z]+://(?:[^/?#@]*@)?([^/?#@:\[\]]+)');
+    IF host ~ '^[0-9]+.[0-9]+.[0-9]+.[0-9]+$'
+       AND host !~ '^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$' THEN
+        RAISE EXCEPTION 'url "%" has an invalid IPv4 address %', NEW.url, host
             USING ERRCODE = 'check_violation';
     END IF;
     IF NEW.url ~ '[^\x21-\x7e]' THEN
