@@ -54,6 +54,7 @@ class Call:
     headers: list[tuple[str, str]]
     body: bytes
     secrets: tuple[str, ...] = field(default=(), repr=False)  # to scrub from any error text
+    static_header_names: tuple[str, ...] = ()                 # not forwarded across origins
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -132,6 +133,7 @@ def build_call(d: Delivery, *, now: float | None = None) -> Call:
     if method not in METHODS:
         raise CallConfigError(f"crm_trigger {d.trigger_id}: method {method[:20]!r} is not GET or POST")
     headers = static_headers(d.headers, d.trigger_id)
+    configured = tuple(name for name, _ in headers)
     authority = d.url.partition("://")[2].split("/", 1)[0].split("?", 1)[0]
     if "@" in authority and any(n.lower() == "authorization" for n, _ in headers):
         raise CallConfigError(f"crm_trigger {d.trigger_id}: the URL has credentials and headers set "
@@ -146,7 +148,7 @@ def build_call(d: Delivery, *, now: float | None = None) -> Call:
     if d.signing_secret:
         ts = int(time.time() if now is None else now)
         headers += [("webhook-timestamp", str(ts)), ("webhook-signature", sign(d.signing_secret, msg_id, ts, body))]
-    return Call(method, url, headers, body, call_secrets(d))
+    return Call(method, url, headers, body, call_secrets(d), configured)
 
 
 __all__ = ["Call", "CallConfigError", "MissingId", "build_call", "call_secrets", "sign", "static_headers"]

@@ -14,8 +14,8 @@ from typing import Any
 import anyio
 import httpx
 
-from .calls import CallConfigError, build_call, call_secrets
-from .http import AddressRefused
+from .calls import Call, CallConfigError, build_call, call_secrets
+from .http import MAX_REDIRECTS, AddressRefused
 from .redact import redact_url, scrub
 from .settings import Settings
 from .urls import MissingId
@@ -119,6 +119,27 @@ class RetryPolicy:
         return Outcome("pending", http_status=status, error=err, delay=delay, duration_ms=duration_ms)
 
 
+async def _send(client: httpx.AsyncClient, request: httpx.Request, call: Call,
+                follow: bool) -> tuple[httpx.Response, str | None]:
+    """Send, following up to MAX_REDIRECTS redirects when the URL opted in.  Every hop passes the
+    transport's address policy; configured headers are not forwarded to another origin (they may
+    be credentials) and an https URL is never redirected to plain http."""
+    resp = await client.send(request, follow_redirects=False)
+    hops = 0
+    while follow and resp.next_request is not None and hops < MAX_REDIRECTS:
+        nxt = resp.next_request
+        if request.url.scheme == "https" and nxt.url.scheme != "https":
+            return resp, f"HTTP {resp.status_code} redirect from https to {redact_url(str(nxt.url))} refused"
+        if (nxt.url.scheme, nxt.url.host, nxt.url.port) != (request.url.scheme, request.url.host, request.url.port):
+            for name in call.static_header_names:
+                nxt.headers.pop(name, None)
+            nxt.headers.pop("Authorization", None)
+        await resp.aclose()
+        request, hops = nxt, hops + 1
+        resp = await client.send(request, follow_redirects=False)
+    return resp, None
+
+
 async def attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, settings: Settings) -> Outcome:
     """Make one call and judge it.  Never raises (except cancellation).
 
@@ -148,11 +169,14 @@ async def attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, s
         return Outcome("dead", error=scrub(f"invalid URL {redact_url(call.url)}: {exc}", secrets)[:MAX_ERROR_LEN])
     try:
         with anyio.fail_after(timeout):
-            resp = await client.send(request, follow_redirects=follow)
+            resp, refusal = await _send(client, request, call, follow)
         status = resp.status_code
         retry_after = resp.headers.get("retry-after")
-        if 300 <= status < 400 and "location" in resp.headers:
-            hint = "too many redirects" if follow else "not followed: follow_redirects is off for this URL"
+        if refusal:
+            error = refusal
+        elif 300 <= status < 400 and "location" in resp.headers:
+            hint = f"more than {MAX_REDIRECTS} redirects" if follow else \
+                "not followed: follow_redirects is off for this URL"
             error = f"HTTP {status} redirect to {redact_url(resp.headers['location'])} ({hint})"
         elif status >= 300:
             snippet = resp.content[:200].decode("utf-8", "replace").strip()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from psycopg.types.json import Jsonb
 
 from bridge.http import AddressRefused, policy_from
 from bridge.receiver import Receiver, Rule
@@ -96,6 +97,30 @@ def test_followed_redirect_to_a_denied_address_is_refused_before_connecting(
     assert "refused by the address policy" in error and "127.0.0.2/32" in error
     assert inner.accepted == 0
     assert len(receiver.attempts) == 1  # refusals are permanent: no retries
+
+
+def test_configured_headers_are_not_forwarded_to_another_origin(db, receiver, daemon):
+    with Receiver() as other:  # another port: another origin
+        receiver.answer("/moved", Rule(status=302, headers={"Location": other.url("/elsewhere")}))
+        receiver.answer("/hop", Rule(status=302, headers={"Location": "/landing"}))
+        headers = Jsonb({"X-Api-Key": "k-secret-123"})
+        db.add_url("customer", "create", receiver.url("/moved"), follow_redirects=True, headers=headers)
+        db.add_url("customer", "create", receiver.url("/hop"), follow_redirects=True, headers=headers)
+        new_customer(db)
+        [away] = other.wait_for(1)
+        [home] = receiver.wait_for(1, "/landing")
+    assert "X-Api-Key" not in away.headers and "Idempotency-Key" in away.headers
+    assert home.headers["X-Api-Key"] == "k-secret-123"
+
+
+def test_https_is_never_redirected_to_plain_http(db, receiver, loopback_ca, daemon_factory):
+    with Receiver(ssl_context=loopback_ca.server_context("127.0.0.1")) as secure:
+        daemon_factory(env={"CRM_BRIDGE_CA_BUNDLE": str(loopback_ca.ca_path)})
+        secure.answer("/moved", Rule(status=301, headers={"Location": receiver.url("/plain")}))
+        tid = db.add_url("customer", "create", secure.url("/moved"), follow_redirects=True)
+        new_customer(db)
+        assert "redirect from https to http://127.0.0.1" in dead_error(db, tid)
+    assert receiver.attempts == []
 
 
 # -- address policy -----------------------------------------------------------------------------
