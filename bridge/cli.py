@@ -31,16 +31,20 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
 # -- commands ---------------------------------------------------------------------------------
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .db import installed_version, latest_version, migrate
+    from .roles import after_migrate
 
     with psycopg.connect(resolve_dsn(args.dsn), autocommit=True) as conn:
         before = installed_version(conn)
         done = migrate(conn, reference=args.reference_crm)
+        roles = after_migrate(conn, requested=(args.admin_role, args.daemon_role) if args.roles else None)
     if done:
         for item in done:
             print(f"applied {item}")
     else:
         print(f"crm_bridge schema is up to date (version {before})")
     print(f"schema version {latest_version()}")
+    if roles is not None:
+        print(f"roles: admin {roles[0]}, daemon {roles[1]} (NOLOGIN; GRANT them to login roles)")
     return 0
 
 
@@ -109,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("migrate", help="install or upgrade the crm_bridge schema (idempotent)")
     m.add_argument("--reference-crm", action="store_true",
                    help="also create the reference CRM schema `crm` with the triggers attached")
+    m.add_argument("--roles", action="store_true",
+                   help="create (NOLOGIN) and grant the admin and daemon group roles; see docs/SECURITY.md")
+    m.add_argument("--admin-role", dest="admin_role", default="crm_bridge_admin",
+                   help="name of the role that edits configuration (default crm_bridge_admin)")
+    m.add_argument("--daemon-role", dest="daemon_role", default="crm_bridge_daemon",
+                   help="name of the role `crm-bridge run` connects as (default crm_bridge_daemon)")
 
     r = sub.add_parser("run", help="run the daemon (LISTEN, claim, call URLs)")
     r.add_argument("--config", help="TOML settings file (default: $CRM_BRIDGE_CONFIG)")

@@ -6,16 +6,19 @@ import email.utils
 import logging
 import random
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
 import httpx
 
-from .redact import redact_url
+from .calls import Call, CallConfigError, build_call, call_secrets
+from .http import MAX_REDIRECTS, AddressRefused
+from .redact import redact_url, scrub
 from .settings import Settings
-from .urls import MissingId, call_url
+from .urls import MissingId
 
 log = logging.getLogger("crm_bridge.deliver")
 
@@ -44,6 +47,11 @@ class Delivery:
     max_in_flight: int | None
     id_params: list[str]
     ordered: bool = False
+    # Per-URL call shape (migration 0003); defaults keep rows from older queries loadable.
+    method: str | None = None
+    headers: Any = None                     # crm_trigger.headers (jsonb): {"Name": "value"}
+    follow_redirects: bool | None = None
+    signing_secret: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Delivery:
@@ -112,34 +120,83 @@ class RetryPolicy:
         return Outcome("pending", http_status=status, error=err, delay=delay, duration_ms=duration_ms)
 
 
+async def _send(client: httpx.AsyncClient, request: httpx.Request, call: Call,
+                follow: bool) -> tuple[httpx.Response, str | None]:
+    """Send, following up to MAX_REDIRECTS redirects when the URL opted in.  Every hop passes the
+    transport's address policy; configured headers are not forwarded to another origin (they may
+    be credentials) and an https URL is never redirected to plain http."""
+    resp = await client.send(request, follow_redirects=False)
+    hops = 0
+    while follow and resp.next_request is not None and hops < MAX_REDIRECTS:
+        nxt = resp.next_request
+        if request.url.scheme == "https" and nxt.url.scheme != "https":
+            return resp, f"HTTP {resp.status_code} redirect from https to {redact_url(str(nxt.url))} refused"
+        if (nxt.url.scheme, nxt.url.host, nxt.url.port) != (request.url.scheme, request.url.host, request.url.port):
+            for name in call.static_header_names:
+                nxt.headers.pop(name, None)
+            nxt.headers.pop("Authorization", None)
+        await resp.aclose()
+        request, hops = nxt, hops + 1
+        resp = await client.send(request, follow_redirects=False)
+    return resp, None
+
+
 async def attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, settings: Settings) -> Outcome:
-    """Make one call and judge it.  Never raises (except cancellation)."""
+    """Make one call and judge it.  Never raises (except cancellation).
+
+    Error texts are scrubbed of every configured secret (URL credentials, header values, the
+    signing secret) before they reach the delivery row, the attempt history or a log line.
+    """
     assert d.url is not None
+    secrets = call_secrets(d)
     try:
-        url = call_url(d.url, d.id_params, d.ids)
-    except MissingId as exc:
-        return Outcome("dead", error=str(exc))
+        call = build_call(d)
+    except (MissingId, CallConfigError) as exc:
+        return Outcome("dead", error=scrub(str(exc), secrets))
+    except Exception as exc:  # an odd URL or a bug: one dead delivery, never a dead daemon
+        return Outcome("dead", error=scrub(f"cannot build the request for {redact_url(d.url)}: "
+                                           f"{type(exc).__name__}: {exc}", secrets)[:MAX_ERROR_LEN])
     timeout = d.timeout_ms / 1000.0 if d.timeout_ms else settings.timeout
+    follow = settings.follow_redirects if d.follow_redirects is None else d.follow_redirects
     started = time.monotonic()
     status: int | None = None
     error: str | None = None
     retry_after: str | None = None
+    refused = False
+    try:
+        request = client.build_request(call.method, call.url, headers=call.headers,
+                                       content=call.body or None, timeout=timeout)
+    except (httpx.InvalidURL, ValueError) as exc:  # e.g. malformed punycode (idna.IDNAError)
+        return Outcome("dead", error=scrub(f"invalid URL {redact_url(call.url)}: {exc}", secrets)[:MAX_ERROR_LEN])
     try:
         with anyio.fail_after(timeout):
-            resp = await client.get(url, timeout=timeout)
+            resp, refusal = await _send(client, request, call, follow)
         status = resp.status_code
         retry_after = resp.headers.get("retry-after")
-        if status >= 300:
+        if refusal:
+            error = refusal
+        elif 300 <= status < 400 and "location" in resp.headers:
+            hint = f"more than {MAX_REDIRECTS} redirects" if follow else \
+                "not followed: follow_redirects is off for this URL"
+            error = f"HTTP {status} redirect to {redact_url(resp.headers['location'])} ({hint})"
+        elif status >= 300:
             snippet = resp.content[:200].decode("utf-8", "replace").strip()
             error = f"HTTP {status}" + (f": {snippet}" if snippet else "")
     except TimeoutError:
         error = f"timed out after {timeout:g} s"
+    except AddressRefused as exc:
+        refused = True
+        error = f"refused by the address policy, nothing was sent: {exc}"
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     except Exception as exc:  # a bug or an odd URL must not kill the daemon
-        log.exception("unexpected error calling %s", redact_url(url))
         error = f"{type(exc).__name__}: {exc}"
+        log.error("unexpected error calling %s: %s", redact_url(call.url),
+                  scrub("".join(traceback.format_exception(exc)), secrets))
     duration_ms = int((time.monotonic() - started) * 1000)
     if error:
-        error = error.replace(url, redact_url(url)).replace(d.url, redact_url(d.url))
+        error = scrub(error.replace(call.url, redact_url(call.url)).replace(d.url, redact_url(d.url)), secrets)
+    if refused:
+        # The policy will refuse the next attempt too: a dead letter now, not seven more tries.
+        return Outcome("dead", error=f"permanent failure: {error}"[:MAX_ERROR_LEN], duration_ms=duration_ms)
     return policy.judge(d, status=status, error=error, retry_after=retry_after, duration_ms=duration_ms)

@@ -30,7 +30,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from .deliver import Delivery, Outcome, RetryPolicy, attempt
-from .http import AddressPolicy, make_client, parse_networks
+from .http import client_for
 from .listen import CHANNEL, CONNECT_KWARGS, Listener
 from .settings import Settings
 from .sqlfiles import Q
@@ -114,9 +114,7 @@ class Daemon:
     async def run(self) -> None:
         s = self.s
         own_client = self._client is None
-        client = self._client or make_client(
-            policy=AddressPolicy(deny=parse_networks(s.deny_cidrs), allow=parse_networks(s.allow_cidrs)),
-            verify=s.ca_bundle or True, timeout=s.timeout)
+        client = self._client or client_for(s)
         self._client = client
         self._pool = AsyncConnectionPool(
             s.dsn, min_size=2, max_size=6, open=False, name="crm-bridge",

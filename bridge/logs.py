@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from .redact import scrub
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -14,12 +16,12 @@ class JsonFormatter(logging.Formatter):
                "logger": record.name, "msg": record.getMessage()}
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+        return scrub(json.dumps(out, ensure_ascii=False))
 
 
 class OneLineFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace("\n", "\\n")
+        return scrub(super().format(record).replace("\n", "\\n"))
 
 
 def configure(level: str = "INFO", fmt: str = "text") -> None:

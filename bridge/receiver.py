@@ -8,6 +8,7 @@ wait for calls with a deadline instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -43,11 +44,13 @@ class Rule:
     reset: bool = False
     times: int | None = None
     handler: Callable[[Call], None] | None = None
+    body: str | None = None              # answer body (default "ok" / "no")
 
 
 class Receiver:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self.host = host
+        self.ssl_context = ssl_context       # serve HTTPS with this (server-side) context
         self.port = port
         self.calls: list[Call] = []
         self.attempts: list[Call] = []       # every request, including failed answers
@@ -59,7 +62,8 @@ class Receiver:
 
     # -- scripting --------------------------------------------------------------------------
     def url(self, path: str = "/hook") -> str:
-        return f"http://{self.host}:{self.port}{path}"
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://{self.host}:{self.port}{path}"
 
     def answer(self, prefix: str, rule: Rule) -> None:
         """Answer calls whose target (path and query) starts with ``prefix`` by ``rule`` (newest wins)."""
@@ -122,7 +126,8 @@ class Receiver:
         if rule.reset and request.transport is not None:
             request.transport.abort()
             raise web.HTTPInternalServerError()  # never written: the connection is gone
-        return web.Response(status=rule.status, headers=rule.headers, text="ok" if rule.status < 300 else "no")
+        text = rule.body if rule.body is not None else ("ok" if rule.status < 300 else "no")
+        return web.Response(status=rule.status, headers=rule.headers, text=text)
 
     def start(self) -> Receiver:
         started = threading.Event()
@@ -136,7 +141,7 @@ class Receiver:
                 app.router.add_route("*", "/{tail:.*}", self._handle)
                 self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
                 loop.run_until_complete(self._runner.setup())
-                site = web.TCPSite(self._runner, self.host, self.port)
+                site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
                 loop.run_until_complete(site.start())
                 server = site._server
                 assert server is not None and server.sockets

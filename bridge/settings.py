@@ -98,10 +98,20 @@ class Settings:
             raise SettingsError(f"log_level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level!r})")
         if self.grace < 0 or self.retention_days <= 0:
             raise SettingsError("grace must be >= 0 and retention_days > 0")
-        from .http import parse_networks
+        from .http import parse_networks, ssl_context
 
-        parse_networks(self.deny_cidrs)
-        parse_networks(self.allow_cidrs)
+        try:
+            parse_networks(self.deny_cidrs)
+            parse_networks(self.allow_cidrs)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        if self.ca_bundle:
+            if not Path(self.ca_bundle).exists():
+                raise SettingsError(f"ca_bundle {self.ca_bundle} not found (a PEM file or a directory of CAs)")
+            try:
+                ssl_context(self.ca_bundle)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise SettingsError(f"ca_bundle {self.ca_bundle} cannot be loaded: {exc}") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -72,7 +72,9 @@ WITH ev AS (
 )
 SELECT ins.id, ins.event_id, ins.object, ins.event, ins.ids, ins.event_created_at, ins.status,
        ins.attempts, t.id AS trigger_id, t.url, t.timeout_ms, t.max_attempts, t.retry_schedule,
-       t.max_in_flight, o.id_params, ins.ordered
+       t.max_in_flight, o.id_params, ins.ordered,
+       t.method, t.headers, t.follow_redirects,
+       (SELECT s.secret FROM crm_bridge.signing_secret s WHERE s.trigger_id = t.id) AS signing_secret
   FROM ins
   LEFT JOIN crm_bridge.crm_trigger t ON t.id = ins.trigger_id
   JOIN crm_bridge.object_type o ON o.object = ins.object
@@ -108,7 +110,9 @@ UPDATE crm_bridge.delivery d
    AND t.id = d.trigger_id AND o.object = d.object
 RETURNING d.id, d.event_id, d.object, d.event, d.ids, d.event_created_at, d.status, d.attempts,
           t.id AS trigger_id, t.url, t.timeout_ms, t.max_attempts, t.retry_schedule,
-          t.max_in_flight, o.id_params, d.ordered;
+          t.max_in_flight, o.id_params, d.ordered,
+          t.method, t.headers, t.follow_redirects,
+          (SELECT s.secret FROM crm_bridge.signing_secret s WHERE s.trigger_id = t.id) AS signing_secret;
 
 -- name: complete
 -- Record the outcome of finished attempts in one statement; failed attempts also get a row in

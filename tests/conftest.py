@@ -7,12 +7,16 @@ crm_bridge_test_* are created and dropped there).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -240,3 +244,175 @@ def daemon_factory(dsn: str) -> Iterator[Callable[..., DaemonProcess]]:
 def daemon(daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
     """A running daemon on this test's database."""
     return daemon_factory()
+
+
+# -- security: database roles ----------------------------------------------------------------
+class Roles:
+    """Login roles for one test: a CRM application role and members of the two crm-bridge groups."""
+
+    def __init__(self, dsn: str, suffix: str) -> None:
+        self.admin_group = f"crmb_admin_{suffix}"
+        self.daemon_group = f"crmb_daemon_{suffix}"
+        self.app = f"crm_app_{suffix}"
+        self.admin = f"crmb_admin_login_{suffix}"
+        self.daemon = f"crmb_daemon_login_{suffix}"
+        self._dsn = dsn
+
+    def dsn(self, role: str) -> str:
+        return make_conninfo(self._dsn, user=role, password="test-only-password")
+
+    def connect(self, role: str) -> psycopg.Connection:
+        return psycopg.connect(self.dsn(role), autocommit=True)
+
+    @property
+    def all(self) -> list[str]:
+        return [self.app, self.admin, self.daemon, self.admin_group, self.daemon_group]
+
+
+@pytest.fixture
+def roles(db: DB) -> Iterator[Roles]:
+    """`migrate --roles` groups (unique names) plus LOGIN roles: app (CRM rights only), admin, daemon."""
+    r = Roles(db.dsn, f"{os.getpid()}_{next(_counter)}")
+    sql = psycopg.sql
+    db.execute("SELECT crm_bridge.apply_grants(%s, %s)", [r.admin_group, r.daemon_group])
+    for login, group in ((r.app, None), (r.admin, r.admin_group), (r.daemon, r.daemon_group)):
+        db.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'test-only-password'").format(sql.Identifier(login)))
+        if group:
+            db.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(login)))
+    # The CRM application's own rights: its tables, nothing on crm_bridge.
+    db.execute(sql.SQL("GRANT USAGE ON SCHEMA crm TO {0}; "
+                       "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA crm TO {0}")
+               .format(sql.Identifier(r.app)))
+    yield r
+    db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY (%s)", [r.all])
+    for role in r.all:
+        db.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+    for role in r.all:
+        db.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+# -- security: TLS and raw listeners ----------------------------------------------------------
+class LoopbackCA:
+    """A throwaway CA and server certificates for loopback IPs (files in a temp dir)."""
+
+    def __init__(self, directory: Path) -> None:
+        import datetime as dt
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        self._x509, self._hashes, self._ser, self._ec = x509, hashes, serialization, ec
+        self._eku, self._oid, self._dt = ExtendedKeyUsageOID, NameOID, dt
+        self.dir = directory
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "crm-bridge test CA")])
+        now = dt.datetime.now(dt.UTC)
+        ski = x509.SubjectKeyIdentifier.from_public_key(self._key.public_key())
+        self._cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(self._key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(ski, critical=False)
+            .sign(self._key, hashes.SHA256()))
+        self.ca_path = directory / "ca.pem"
+        self.ca_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
+
+    def server_context(self, ip: str = "127.0.0.1") -> ssl.SSLContext:
+        """A server-side context whose certificate is valid for ``ip`` only."""
+        import ipaddress
+
+        x509, dt = self._x509, self._dt
+        key = self._ec.generate_private_key(self._ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(self._oid.COMMON_NAME, ip)]))
+            .issuer_name(self._cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([self._eku.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                           critical=False)
+            .sign(self._key, self._hashes.SHA256()))
+        cert_path, key_path = self.dir / f"server-{ip}.pem", self.dir / f"server-{ip}.key"
+        cert_path.write_bytes(cert.public_bytes(self._ser.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(self._ser.Encoding.PEM, self._ser.PrivateFormat.PKCS8,
+                                               self._ser.NoEncryption()))
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert_path, key_path)
+        return ctx
+
+
+@pytest.fixture(scope="session")
+def loopback_ca(tmp_path_factory: pytest.TempPathFactory) -> LoopbackCA:
+    return LoopbackCA(tmp_path_factory.mktemp("tls"))
+
+
+class CountingListener:
+    """A raw TCP listener on a loopback address that counts accepted connections and answers
+    any request with 200: proof that a refused call never even connected."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"listener-{host}", daemon=True)
+        self._thread.start()
+
+    def url(self, path: str = "/x") -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{path}"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.settimeout(2)
+                data = b""
+                with contextlib.suppress(OSError):
+                    while b"\r\n\r\n" not in data and len(data) < 65536:
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def listener_factory() -> Iterator[Callable[[str], CountingListener]]:
+    made: list[CountingListener] = []
+
+    def make(host: str = "127.0.0.1") -> CountingListener:
+        lst = CountingListener(host)
+        made.append(lst)
+        return lst
+
+    yield make
+    for lst in made:
+        lst.close()

@@ -1,0 +1,154 @@
+"""The shape of one call: method, URL, headers and body, configured per URL in crm_trigger.
+
+* GET (the seed format): ``<url>?AccountID=…``, empty body.
+* POST: the configured URL as is, JSON body ``{"object","event","ids":{…},"occurred_at","event_id"}``.
+
+Every call carries ``Idempotency-Key`` and ``webhook-id`` (both the event id) so that a receiver
+can drop the duplicates at-least-once delivery may produce.  URLs with a signing secret also get
+Standard Webhooks' ``webhook-timestamp`` and ``webhook-signature`` (``v1,`` + base64 HMAC-SHA256
+of ``id.timestamp.body``).  Static headers come from ``crm_trigger.headers``; the database
+validates them, and they are checked again here because validation can be switched off.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import UTC
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
+
+from .redact import SECRET_PARAMS
+from .urls import MissingId, call_url, query_string
+
+if TYPE_CHECKING:
+    from .deliver import Delivery
+
+USER_AGENT = "crm-bridge/0.1"
+METHODS = ("GET", "POST")
+# Headers crm-bridge sets itself or that would break the request framing.
+RESERVED_HEADERS = frozenset({
+    "host", "content-length", "content-type", "transfer-encoding", "connection", "keep-alive", "te",
+    "trailer", "upgrade", "expect", "proxy-authorization", "proxy-connection",
+    "idempotency-key", "webhook-id", "webhook-timestamp", "webhook-signature",
+})
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}")
+_VALUE = re.compile(r"[\x20-\x7e]{0,4000}")
+MIN_SECRET_LEN = 4
+
+
+class CallConfigError(ValueError):
+    """The URL's configuration cannot make a valid request (only when DB validation was bypassed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # to scrub from any error text
+    static_header_names: tuple[str, ...] = ()                 # not forwarded across origins
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """Standard Webhooks v1 signature of ``msg_id.timestamp.body`` with a ``whsec_`` secret."""
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise CallConfigError("the signing secret is not valid base64 (set it again with "
+                              "crm_bridge.set_signing_secret)") from None
+    if not key:
+        raise CallConfigError("the signing secret is empty")
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode("ascii")
+
+
+def static_headers(raw: object, trigger_id: int | None) -> list[tuple[str, str]]:
+    """``crm_trigger.headers`` as a list; messages name the header but never print its value."""
+    if raw is None:
+        return []
+    where = f"crm_trigger {trigger_id}"
+    if not isinstance(raw, dict):
+        raise CallConfigError(f"{where}: headers must be a JSON object, got {type(raw).__name__}")
+    out = []
+    for name, value in raw.items():
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise CallConfigError(f"{where}: {json.dumps(str(name)[:100])} is not a valid HTTP header name")
+        if name.lower() in RESERVED_HEADERS:
+            raise CallConfigError(f"{where}: header {name!r} is set by crm-bridge itself")
+        if not isinstance(value, str) or not _VALUE.fullmatch(value):
+            raise CallConfigError(f"{where}: header {name!r} must be printable ASCII text")
+        out.append((name, value))
+    return out
+
+
+def url_secrets(url: str) -> list[str]:
+    """Credentials a URL carries: the userinfo password (or a token used as user name) and the
+    values of secret-looking query parameters, raw and percent-decoded."""
+    found: list[str] = []
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return found
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rpartition("@")[0]
+        user, colon, password = userinfo.partition(":")
+        found.append(password if colon else user)
+    for pair in parts.query.split("&"):
+        name, eq, value = pair.partition("=")
+        if eq and SECRET_PARAMS.match(name):
+            found.append(value)
+    return [s for v in found for s in {v, unquote(v)} if len(s) >= MIN_SECRET_LEN]
+
+
+def call_secrets(d: Delivery) -> tuple[str, ...]:
+    """Every configured value that must never appear in an error message or a log line."""
+    out = url_secrets(d.url or "")
+    if isinstance(d.headers, dict):
+        out += [v for v in d.headers.values() if isinstance(v, str) and len(v) >= MIN_SECRET_LEN]
+    if d.signing_secret:
+        out += [d.signing_secret, d.signing_secret.removeprefix("whsec_")]
+    return tuple(out)
+
+
+def json_body(d: Delivery) -> bytes:
+    query_string(d.id_params, d.ids)  # the same NULL-ID check as GET
+    occurred = d.event_created_at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    doc = {"object": d.object, "event": d.event, "ids": dict(zip(d.id_params, d.ids, strict=True)),
+           "occurred_at": occurred, "event_id": d.event_id}
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def build_call(d: Delivery, *, now: float | None = None) -> Call:
+    """The request for one attempt.  Raises MissingId or CallConfigError (both permanent)."""
+    assert d.url is not None
+    method = (d.method or "GET").upper()
+    if method not in METHODS:
+        raise CallConfigError(f"crm_trigger {d.trigger_id}: method {method[:20]!r} is not GET or POST")
+    headers = static_headers(d.headers, d.trigger_id)
+    configured = tuple(name for name, _ in headers)
+    authority = d.url.partition("://")[2].split("/", 1)[0].split("?", 1)[0]
+    if "@" in authority and any(n.lower() == "authorization" for n, _ in headers):
+        raise CallConfigError(f"crm_trigger {d.trigger_id}: the URL has credentials and headers set "
+                              "Authorization: use one or the other")
+    if method == "GET":
+        url, body = call_url(d.url, d.id_params, d.ids), b""
+    else:
+        url, body = d.url, json_body(d)
+        headers.append(("Content-Type", "application/json"))
+    msg_id = str(d.event_id)
+    headers += [("Idempotency-Key", msg_id), ("webhook-id", msg_id)]
+    if d.signing_secret:
+        ts = int(time.time() if now is None else now)
+        headers += [("webhook-timestamp", str(ts)), ("webhook-signature", sign(d.signing_secret, msg_id, ts, body))]
+    return Call(method, url, headers, body, call_secrets(d), configured)
+
+
+__all__ = ["Call", "CallConfigError", "MissingId", "build_call", "call_secrets", "sign", "static_headers"]

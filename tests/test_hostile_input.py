@@ -1,0 +1,120 @@
+"""Hostile input, property-based: whatever URL a DBA (or an attacker with config access) types,
+the database either rejects it with a message, or the daemon can build a well-formed request
+from it; any ID value gives a correctly encoded call, GET or POST."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from urllib.parse import parse_qsl, urlsplit
+
+import anyio
+import httpx
+import psycopg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from yarl import URL
+
+from bridge.calls import build_call
+from bridge.deliver import Delivery, RetryPolicy, attempt
+from bridge.http import make_client
+from bridge.settings import Settings
+from bridge.urls import call_url
+
+NO_NUL = st.characters(codec="utf-8", exclude_categories=["Cs"], exclude_characters="\x00")
+odd_text = st.text(NO_NUL, max_size=12)
+
+schemes = st.sampled_from(["http://", "https://", "HTTPS://", "hTtP://", "ftp://", "", "http:/", "http:///",
+                           "javascript:", " https://"])
+userinfo = st.one_of(st.just(""), st.just("u:p@"), st.just("@"), odd_text.map(lambda s: s + "@"))
+hosts = st.one_of(
+    st.sampled_from(["127.0.0.1", "[::1]", "localhost", "crm.example", "[::ffff:127.0.0.1]", "[:::]", "[1::2::3]",
+                     "xn--bcher-kva.example", "bücher.example", "[fe80::1%25eth0]", "", "a..b", "-", "1.2.3.4.5",
+                     "256.1.1.1", "[127.0.0.1]", "h_o_s_t", "%41.example", "xn--.example"]),
+    odd_text,
+)
+ports = st.one_of(st.just(""), st.integers(-5, 100_000).map(lambda p: f":{p}"), odd_text.map(lambda s: ":" + s))
+rests = st.one_of(st.just(""), st.just("/p?x=1"), st.just("/%zz"), st.just("/a%2"), st.just("?"), st.just("/#f"),
+                  st.text(NO_NUL, max_size=30))
+odd_urls = st.one_of(st.builds(lambda *p: "".join(p), schemes, userinfo, hosts, ports, rests),
+                     st.text(NO_NUL, max_size=60))
+
+
+def delivery(url: str, ids: list[str | None], *, method: str = "GET") -> Delivery:
+    return Delivery(id=1, event_id=7, object="case", event="edit", ids=ids,
+                    event_created_at=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), status="in_flight",
+                    attempts=0, trigger_id=1, url=url, timeout_ms=None, max_attempts=None, retry_schedule=None,
+                    max_in_flight=None, id_params=["AccountID", "CaseID"][: len(ids)], method=method)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(url=odd_urls)
+def test_an_odd_url_is_rejected_with_a_message_or_makes_a_well_formed_request(db, url):
+    try:
+        with db.conn.transaction(force_rollback=True):
+            stored = db.one("INSERT INTO crm_bridge.crm_trigger (object, event, url) VALUES ('case', 'edit', %s) "
+                            "RETURNING url", [url])
+    except (psycopg.errors.CheckViolation, psycopg.errors.NotNullViolation) as exc:
+        assert exc.diag.message_primary
+        return
+    try:
+        well_formed_requests(stored)
+    except ValueError:
+        # The one known gap: malformed punycode labels (checking punycode in SQL is not worth
+        # it); attempt() records them as a dead "invalid URL" delivery (test below).
+        assert "xn--" in stored.lower()
+
+
+def well_formed_requests(stored: str) -> None:
+    parsed = httpx.URL(stored)
+    assert parsed.scheme in ("http", "https") and parsed.host
+    assert parsed.port is None or 1 <= parsed.port <= 65535
+    for method in ("GET", "POST"):
+        call = build_call(delivery(stored, ["a&b", "c d"], method=method))
+        request = httpx.Request(call.method, call.url, headers=call.headers, content=call.body or None)
+        URL(str(request.url), encoded=True).with_user(None)  # what the transport hands to aiohttp
+        if method == "GET":
+            assert request.url.raw_path.endswith(b"AccountID=a%26b&CaseID=c%20d")
+
+
+ids = st.one_of(st.none(), st.text(NO_NUL, max_size=300), st.text(st.sampled_from("&=#?%+/ é\t"), max_size=20),
+                st.text(max_size=5000).filter(lambda s: "\x00" not in s))
+
+
+@given(st.lists(ids, min_size=2, max_size=2))
+def test_any_ids_give_a_byte_exact_get_target_or_a_clear_null_error(values):
+    d = delivery("https://crm.example/hook?src=crm", values)
+    if None in values:
+        try:
+            build_call(d)
+        except ValueError as exc:
+            assert "is NULL in the captured row" in str(exc)
+            return
+        raise AssertionError("a NULL ID must not produce a call")
+    call = build_call(d)
+    assert call.url == call_url(d.url or "", d.id_params, values)
+    request = httpx.Request(call.method, call.url)
+    assert request.url.raw_path.decode() == "/hook?" + urlsplit(call.url).query  # nothing re-encoded
+    assert parse_qsl(urlsplit(call.url).query, keep_blank_values=True)[1:] == list(zip(d.id_params, values,
+                                                                                          strict=True))
+
+
+@given(st.lists(st.text(NO_NUL, max_size=500), min_size=2, max_size=2))
+def test_any_ids_round_trip_through_the_post_body(values):
+    call = build_call(delivery("https://crm.example/hook", values, method="POST"))
+    doc = json.loads(call.body)
+    assert doc["ids"] == dict(zip(["AccountID", "CaseID"], values, strict=True))
+    assert call.url == "https://crm.example/hook"
+    assert doc["occurred_at"] == "2026-01-02T03:04:05.678901Z" and doc["event_id"] == 7
+
+
+def test_an_unbuildable_url_is_a_dead_delivery_with_a_clear_error():
+    async def run() -> None:
+        async with make_client() as client:
+            settings = Settings()
+            outcome = await attempt(client, RetryPolicy(settings), delivery("http://xn--.example/h", ["a", "c"]),
+                                    settings)
+        assert outcome.status == "dead"
+        assert outcome.error is not None and outcome.error.startswith("invalid URL http://xn--.example/h?AccountID=a")
+
+    anyio.run(run)

@@ -1,0 +1,164 @@
+"""Outbound safety: TLS verification, redirects, and the address policy (refusal before any
+connection).  Every target is on loopback; deny lists use loopback addresses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from psycopg.types.json import Jsonb
+
+from bridge.http import AddressRefused, policy_from
+from bridge.receiver import Receiver, Rule
+
+DENY_LOOPBACK = {"CRM_BRIDGE_DENY_CIDRS": "127.0.0.0/8,::1/128"}
+
+
+def dead_error(db, trigger_id: int) -> str:
+    db.wait_until("SELECT status FROM crm_bridge.delivery WHERE trigger_id = %s", [trigger_id], expect="dead")
+    return db.one("SELECT last_error FROM crm_bridge.delivery WHERE trigger_id = %s", [trigger_id])
+
+
+def new_customer(db, account: str = "acc-1") -> None:
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES (%s, 'x')", [account])
+
+
+# -- TLS ----------------------------------------------------------------------------------------
+@pytest.fixture
+def https_receiver(loopback_ca):
+    with Receiver(ssl_context=loopback_ca.server_context("127.0.0.1")) as rx:
+        yield rx
+
+
+def test_tls_certificate_from_an_unknown_ca_is_refused_by_default(db, https_receiver, daemon):
+    tid = db.add_url("customer", "create", https_receiver.url("/tls"))
+    new_customer(db)
+    error = dead_error(db, tid)
+    assert "certificate verify failed" in error.lower()
+    assert https_receiver.attempts == []  # the handshake failed: no request was ever sent
+
+
+def test_ca_bundle_setting_trusts_an_internal_ca(db, https_receiver, loopback_ca, daemon_factory):
+    daemon_factory(env={"CRM_BRIDGE_CA_BUNDLE": str(loopback_ca.ca_path)})
+    db.add_url("customer", "create", https_receiver.url("/tls"))
+    new_customer(db)
+    [call] = https_receiver.wait_for(1)
+    assert call.target == "/tls?AccountID=acc-1"
+
+
+def test_host_name_is_checked_even_for_a_trusted_ca(db, loopback_ca, daemon_factory):
+    # A certificate the CA issued for 127.0.0.2, served on 127.0.0.1.
+    with Receiver(ssl_context=loopback_ca.server_context("127.0.0.2")) as rx:
+        daemon_factory(env={"CRM_BRIDGE_CA_BUNDLE": str(loopback_ca.ca_path)})
+        tid = db.add_url("customer", "create", rx.url("/tls"))
+        new_customer(db)
+        assert "mismatch" in dead_error(db, tid).lower()
+        assert rx.attempts == []
+
+
+def test_missing_ca_bundle_stops_the_daemon_with_a_clear_message(dsn, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bridge.cli", "--dsn", dsn, "run"],
+                          env={"CRM_BRIDGE_CA_BUNDLE": str(tmp_path / "nope.pem"), "PATH": ""},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "ca_bundle" in proc.stderr and "not found" in proc.stderr
+
+
+# -- redirects ----------------------------------------------------------------------------------
+def test_redirect_is_not_followed_by_default_and_counts_as_a_failure(db, receiver, daemon):
+    receiver.answer("/moved", Rule(status=302, headers={"Location": receiver.url("/target?token=s3cr3t-tok")}))
+    tid = db.add_url("customer", "create", receiver.url("/moved"))
+    new_customer(db)
+    error = dead_error(db, tid)
+    assert error.startswith("gave up after 3 attempts: HTTP 302 redirect to ")
+    assert "not followed" in error and "s3cr3t-tok" not in error and "token=***" in error
+    assert receiver.received("/target") == []
+    assert len(receiver.attempts) == 3
+
+
+def test_redirect_is_followed_when_the_url_opts_in(db, receiver, daemon):
+    receiver.answer("/moved", Rule(status=307, headers={"Location": "/target"}))
+    db.add_url("customer", "create", receiver.url("/moved"), follow_redirects=True)
+    new_customer(db)
+    [call] = receiver.wait_for(1, "/target")
+    assert call.headers["Idempotency-Key"] == db.one("SELECT event_id::text FROM crm_bridge.delivery")
+    db.wait_until("SELECT status FROM crm_bridge.delivery", expect="delivered")
+
+
+def test_followed_redirect_to_a_denied_address_is_refused_before_connecting(
+        db, receiver, listener_factory, daemon_factory):
+    inner = listener_factory("127.0.0.2")
+    daemon_factory(env={"CRM_BRIDGE_DENY_CIDRS": "127.0.0.2/32"})
+    receiver.answer("/moved", Rule(status=302, headers={"Location": inner.url("/internal")}))
+    tid = db.add_url("customer", "create", receiver.url("/moved"), follow_redirects=True)
+    new_customer(db)
+    error = dead_error(db, tid)
+    assert "refused by the address policy" in error and "127.0.0.2/32" in error
+    assert inner.accepted == 0
+    assert len(receiver.attempts) == 1  # refusals are permanent: no retries
+
+
+def test_configured_headers_are_not_forwarded_to_another_origin(db, receiver, daemon):
+    with Receiver() as other:  # another port: another origin
+        receiver.answer("/moved", Rule(status=302, headers={"Location": other.url("/elsewhere")}))
+        receiver.answer("/hop", Rule(status=302, headers={"Location": "/landing"}))
+        headers = Jsonb({"X-Api-Key": "k-secret-123"})
+        db.add_url("customer", "create", receiver.url("/moved"), follow_redirects=True, headers=headers)
+        db.add_url("customer", "create", receiver.url("/hop"), follow_redirects=True, headers=headers)
+        new_customer(db)
+        [away] = other.wait_for(1)
+        [home] = receiver.wait_for(1, "/landing")
+    assert "X-Api-Key" not in away.headers and "Idempotency-Key" in away.headers
+    assert home.headers["X-Api-Key"] == "k-secret-123"
+
+
+def test_https_is_never_redirected_to_plain_http(db, receiver, loopback_ca, daemon_factory):
+    with Receiver(ssl_context=loopback_ca.server_context("127.0.0.1")) as secure:
+        daemon_factory(env={"CRM_BRIDGE_CA_BUNDLE": str(loopback_ca.ca_path)})
+        secure.answer("/moved", Rule(status=301, headers={"Location": receiver.url("/plain")}))
+        tid = db.add_url("customer", "create", secure.url("/moved"), follow_redirects=True)
+        new_customer(db)
+        assert "redirect from https to http://127.0.0.1" in dead_error(db, tid)
+    assert receiver.attempts == []
+
+
+# -- address policy -----------------------------------------------------------------------------
+def test_denied_addresses_are_refused_before_any_connection(db, listener_factory, daemon_factory):
+    v4 = listener_factory("127.0.0.1")
+    v6 = listener_factory("::1")
+    daemon_factory(env=DENY_LOOPBACK)
+    urls = {
+        "literal": v4.url("/a"),
+        "hostname": f"http://localhost:{v4.port}/b",          # checked after DNS resolution
+        "mapped": f"http://[::ffff:127.0.0.1]:{v4.port}/c",    # IPv4-mapped IPv6 literal
+        "v6": v6.url("/d"),
+    }
+    ids = {name: db.add_url("customer", "create", url) for name, url in urls.items()}
+    new_customer(db)
+    for name, tid in ids.items():
+        error = dead_error(db, tid)
+        assert "refused by the address policy, nothing was sent" in error, name
+        assert "denied by the address policy" in error, name
+    assert db.one("SELECT max(attempts) FROM crm_bridge.delivery") == 1
+    assert (v4.accepted, v6.accepted) == (0, 0)
+
+
+def test_allow_list_admits_only_listed_networks(db, listener_factory, daemon_factory):
+    allowed, other = listener_factory("127.0.0.1"), listener_factory("127.0.0.2")
+    daemon_factory(env={"CRM_BRIDGE_ALLOW_CIDRS": "127.0.0.1/32"})
+    ok = db.add_url("customer", "create", allowed.url("/in"))
+    refused = db.add_url("customer", "create", other.url("/out"))
+    new_customer(db)
+    assert "not in the address policy's allow list" in dead_error(db, refused)
+    db.wait_until("SELECT status FROM crm_bridge.delivery WHERE trigger_id = %s", [ok], expect="delivered")
+    assert (allowed.accepted, other.accepted) == (1, 0)
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "169.254.0.1", "fd00:ec2::254", "fe80::1",
+                                     "::ffff:169.254.169.254"])
+def test_metadata_and_link_local_stay_denied_whatever_deny_list_is_configured(address):
+    policy = policy_from(deny=["127.0.0.2/32"], allow=["0.0.0.0/0", "::/0"])
+    with pytest.raises(AddressRefused, match="denied by the address policy"):
+        policy.check("metadata", address)
+    policy.check("elsewhere", "127.0.0.1")  # the configured lists still work

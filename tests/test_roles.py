@@ -1,0 +1,174 @@
+"""Least privilege in the database: PUBLIC and the CRM application get nothing on crm_bridge, the
+daemon role cannot touch CRM data, the admin role edits config but cannot read signing secrets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from bridge.receiver import Rule
+
+BRIDGE_TABLES = ["crm_trigger", "object_type", "event", "delivery", "attempt", "attachment",
+                 "signing_secret", "schema_version", "role_name"]
+
+
+def denied(conn: psycopg.Connection, query: str, params: object = None) -> None:
+    with pytest.raises(errors.InsufficientPrivilege):
+        conn.execute(query, params)
+
+
+def test_public_has_no_privilege_on_any_crm_bridge_object(db):
+    assert db.one("SELECT has_schema_privilege('public', 'crm_bridge', 'USAGE')") is False
+    table_privs = db.all("""
+        SELECT c.relname FROM pg_class c
+         WHERE c.relnamespace = 'crm_bridge'::regnamespace AND c.relkind IN ('r', 'v', 'S')
+           AND (has_table_privilege('public', c.oid, 'SELECT,INSERT,UPDATE,DELETE,TRUNCATE')
+                OR (c.relkind = 'S' AND has_sequence_privilege('public', c.oid, 'USAGE')))""")
+    assert table_privs == []
+    functions = db.all("""
+        SELECT p.oid::regprocedure::text FROM pg_proc p
+         WHERE p.pronamespace = 'crm_bridge'::regnamespace AND has_function_privilege('public', p.oid, 'EXECUTE')""")
+    assert functions == []
+
+
+def test_app_role_writes_crm_rows_and_the_events_appear(db, roles):
+    with roles.connect(roles.app) as app:
+        app.execute("INSERT INTO crm.customer (account_id, name) VALUES ('by-app', 'x')")
+        app.execute("UPDATE crm.customer SET name = 'y' WHERE account_id = 'by-app'")
+    assert db.all("SELECT object, event, ids, origin_role FROM crm_bridge.event ORDER BY id") == [
+        ("customer", "create", [["by-app"]], roles.app),  # statement-level capture: one row per record
+        ("customer", "edit", ["by-app"], roles.app),
+    ]
+
+
+@pytest.mark.parametrize("query", [
+    *(f"SELECT * FROM crm_bridge.{t}" for t in BRIDGE_TABLES),
+    "INSERT INTO crm_bridge.event (object, event, ids) VALUES ('customer', 'create', ARRAY['forged'])",
+    "INSERT INTO crm_bridge.crm_trigger (object, event, url) VALUES ('customer', 'create', 'http://127.0.0.1:9/x')",
+    "UPDATE crm_bridge.crm_trigger SET url = 'http://127.0.0.1:9/x'",
+    "DELETE FROM crm_bridge.delivery",
+    "SELECT crm_bridge.emit_v1()",
+    "SELECT crm_bridge.set_signing_secret(1)",
+    "SELECT crm_bridge.attach('crm.customer', 'customer', ARRAY['account_id'])",
+    "SELECT crm_bridge.detach('crm.customer')",
+    "SELECT crm_bridge.apply_grants('a', 'b')",
+])
+def test_app_role_cannot_read_change_or_call_anything_in_crm_bridge(roles, query):
+    with roles.connect(roles.app) as app:
+        denied(app, query)
+
+
+def test_app_role_cannot_forge_events_with_its_own_trigger(db, roles):
+    db.execute(psycopg.sql.SQL("CREATE SCHEMA appown AUTHORIZATION {}").format(psycopg.sql.Identifier(roles.app)))
+    with roles.connect(roles.app) as app:
+        app.execute("CREATE TABLE appown.fake (account_id text)")
+        denied(app, "CREATE TRIGGER forge AFTER INSERT ON appown.fake FOR EACH ROW "
+                    "EXECUTE FUNCTION crm_bridge.emit_v1('customer', 'account_id')")
+    assert db.one("SELECT count(*) FROM crm_bridge.event") == 0
+
+
+def test_emit_cannot_be_hijacked_through_the_writers_search_path(db, roles):
+    """emit_v1 runs as its owner; its fixed search_path keeps a writer's look-alike functions out."""
+    db.execute(psycopg.sql.SQL("CREATE SCHEMA evil AUTHORIZATION {}").format(psycopg.sql.Identifier(roles.app)))
+    with roles.connect(roles.app) as app:
+        app.execute("CREATE TABLE evil.ran_as (who name)")
+        app.execute("GRANT INSERT ON evil.ran_as TO PUBLIC")
+        app.execute("""CREATE FUNCTION evil.pg_try_advisory_xact_lock_shared(integer, integer) RETURNS boolean
+                       LANGUAGE sql AS 'INSERT INTO evil.ran_as VALUES (current_user) RETURNING true'""")
+        app.execute("SET search_path = evil, pg_catalog")
+        # INSERT runs the generated statement-level function, UPDATE the generic emit_v1.
+        app.execute("INSERT INTO crm.customer (account_id, name) VALUES ('sp-1', 'x')")
+        app.execute("UPDATE crm.customer SET name = 'y' WHERE account_id = 'sp-1'")
+        assert app.execute("SELECT count(*) FROM evil.ran_as").fetchone() == (0,)
+        # The same write against emit_v1 without its fixed search_path runs the look-alike as the
+        # function's owner: what the control prevents.
+        db.execute("ALTER FUNCTION crm_bridge.emit_v1() RESET search_path")
+        app.execute("UPDATE crm.customer SET name = 'z' WHERE account_id = 'sp-1'")
+        assert app.execute("SELECT who FROM evil.ran_as").fetchall() == [(db.one("SELECT current_user"),)]
+
+
+@pytest.mark.parametrize("query", [
+    "SELECT * FROM crm.customer",
+    "INSERT INTO crm.customer (account_id, name) VALUES ('by-daemon', 'x')",
+    "UPDATE crm.case SET subject = 'x'",
+    "DELETE FROM crm.task",
+    "INSERT INTO crm_bridge.event (object, event, ids) VALUES ('customer', 'create', ARRAY['forged'])",
+    "UPDATE crm_bridge.crm_trigger SET url = 'http://127.0.0.1:9/x'",
+    "INSERT INTO crm_bridge.signing_secret VALUES (1, 'whsec_AAAA')",
+    "SELECT crm_bridge.set_signing_secret(1)",
+    "TRUNCATE crm_bridge.event",
+])
+def test_daemon_role_cannot_touch_crm_data_or_change_config(roles, query):
+    with roles.connect(roles.daemon) as daemon:
+        denied(daemon, query)
+
+
+def test_admin_role_edits_config_and_sets_secrets_it_cannot_read(db, roles):
+    with roles.connect(roles.admin) as admin:
+        tid = admin.execute("INSERT INTO crm_bridge.crm_trigger (object, event, url) "
+                            "VALUES ('case', 'create', 'http://127.0.0.1:9/h') RETURNING id").fetchone()[0]
+        admin.execute("UPDATE crm_bridge.crm_trigger SET enabled = false WHERE id = %s", [tid])
+        secret = admin.execute("SELECT crm_bridge.set_signing_secret(%s)", [tid]).fetchone()[0]
+        assert secret.startswith("whsec_")
+        assert admin.execute("SELECT trigger_id FROM crm_bridge.signed_urls()").fetchall() == [(tid,)]
+        assert admin.execute("SELECT count(*) FROM crm_bridge.delivery").fetchone() == (0,)
+        denied(admin, "SELECT * FROM crm_bridge.signing_secret")
+        denied(admin, "SELECT * FROM crm.customer")
+        denied(admin, "INSERT INTO crm_bridge.event (object, event, ids) VALUES ('customer', 'create', ARRAY['x'])")
+    with roles.connect(roles.daemon) as daemon:
+        assert daemon.execute("SELECT secret FROM crm_bridge.signing_secret").fetchall() == [(secret,)]
+
+
+def test_daemon_connected_as_the_daemon_role_does_its_whole_job(db, roles, receiver, daemon_factory):
+    seen = db.add_url("customer", "create", receiver.url("/ok"))
+    receiver.answer("/flaky", Rule(status=503, times=1))
+    db.add_url("customer", "create", receiver.url("/flaky"))
+    # A delivery left behind by a dead daemon (lease expired) and one old enough for retention.
+    db.execute("""INSERT INTO crm_bridge.delivery (event_id, object, event, ids, record_key, event_created_at,
+                                                   trigger_id, url, status, lease_until, worker)
+                  VALUES (0, 'customer', 'create', ARRAY['orphan'], '{orphan}', now(), %s, %s, 'in_flight',
+                          now() - interval '1 minute', 'dead-worker')""", [seen, receiver.url("/ok")])
+    db.execute("""INSERT INTO crm_bridge.delivery (event_id, object, event, ids, record_key, event_created_at, status,
+                                                   finished_at)
+                  VALUES (0, 'customer', 'create', ARRAY['old'], '{old}', now(), 'unrouted',
+                          now() - interval '30 days')""")
+    d = daemon_factory(target_dsn=roles.dsn(roles.daemon))
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('as-daemon', 'x')")
+    receiver.wait_for(1, "/flaky")
+    receiver.wait_for(2, "/ok")
+    db.wait_until("SELECT count(*) FROM crm_bridge.delivery WHERE status = 'delivered'", expect=3)
+    db.wait_until("SELECT count(*) FROM crm_bridge.delivery WHERE ids = ARRAY['old']", expect=0)
+    assert db.one("SELECT count(*) FROM crm_bridge.attempt") == 1
+    assert db.one("SELECT usename FROM pg_stat_activity WHERE application_name = 'crm-bridge listener'") \
+        == roles.daemon
+    assert d.running
+    assert "permission denied" not in d.log
+
+
+def test_migrate_roles_creates_nologin_groups_and_reapplies_them(empty_dsn):
+    admin, daemon = f"crmb_cli_admin_{id(empty_dsn)}", f"crmb_cli_daemon_{id(empty_dsn)}"
+    cmd = [sys.executable, "-m", "bridge.cli", "--dsn", empty_dsn, "migrate"]
+    try:
+        out = subprocess.run([*cmd, "--roles", "--admin-role", admin, "--daemon-role", daemon],
+                             capture_output=True, text=True, check=True).stdout
+        assert f"roles: admin {admin}, daemon {daemon}" in out
+        again = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        assert "up to date" in again and f"roles: admin {admin}" in again
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            rows = conn.execute("SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname IN (%s, %s) ORDER BY 1",
+                                [admin, daemon]).fetchall()
+            assert rows == [(admin, False), (daemon, False)]
+            assert conn.execute("SELECT has_table_privilege(%s, 'crm_bridge.crm_trigger', 'UPDATE'), "
+                                "has_table_privilege(%s, 'crm_bridge.crm_trigger', 'UPDATE')",
+                                [admin, daemon]).fetchone() == (True, False)
+            with pytest.raises(errors.InvalidParameterValue, match="is a superuser"):
+                conn.execute("SELECT crm_bridge.apply_grants(current_user, %s)", [daemon])
+    finally:
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            for role in (admin, daemon):
+                conn.execute(psycopg.sql.SQL("DROP OWNED BY {} CASCADE").format(psycopg.sql.Identifier(role)))
+                conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(role)))

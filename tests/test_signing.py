@@ -1,0 +1,118 @@
+"""Standard Webhooks signing, opt-in per URL, verified with the reference `standardwebhooks`
+package exactly as a receiver would; secrets are never logged or stored in error texts."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+import psycopg
+import pytest
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from bridge.calls import sign
+from bridge.receiver import Rule
+
+
+def verify(secret: str, call, *, json_body: bool = False):
+    return Webhook(secret).verify(call.body, call.headers, json_parse=json_body)
+
+
+def test_signed_get_verifies_with_the_reference_library(db, receiver, daemon):
+    tid = db.add_url("customer", "create", receiver.url("/signed"))
+    secret = db.one("SELECT crm_bridge.set_signing_secret(%s)", [tid])
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-s', 'x')")
+    [call] = receiver.wait_for(1)
+    verify(secret, call)
+    assert call.headers["webhook-id"] == db.one("SELECT event_id::text FROM crm_bridge.delivery")
+    assert call.headers["webhook-signature"].startswith("v1,")
+
+
+def test_signed_post_verifies_and_returns_the_json_document(db, receiver, daemon):
+    tid = db.add_url("case", "create", receiver.url("/signed-post"), method="POST")
+    secret = db.one("SELECT crm_bridge.set_signing_secret(%s)", [tid])
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-p', 'x')")
+    db.execute("INSERT INTO crm.case (case_id, account_id, subject) VALUES ('case-p', 'acc-p', 'y')")
+    [call] = receiver.wait_for(1, "/signed-post")
+    doc = verify(secret, call, json_body=True)
+    assert doc["ids"] == {"AccountID": "acc-p", "CaseID": "case-p"}
+
+
+def test_a_signature_does_not_verify_with_another_secret_or_a_changed_body(db, receiver, daemon):
+    tid = db.add_url("customer", "create", receiver.url("/signed"), method="POST")
+    secret = db.one("SELECT crm_bridge.set_signing_secret(%s)", [tid])
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-t', 'x')")
+    [call] = receiver.wait_for(1)
+    other = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    with pytest.raises(WebhookVerificationError):
+        Webhook(other).verify(call.body, call.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(secret).verify(call.body.replace(b"acc-t", b"acc-u"), call.headers)
+
+
+def test_every_retry_is_signed_afresh_with_the_same_message_id(db, receiver, daemon):
+    receiver.answer("/flaky", Rule(status=503, times=1))
+    tid = db.add_url("customer", "create", receiver.url("/flaky"))
+    secret = db.one("SELECT crm_bridge.set_signing_secret(%s)", [tid])
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-r', 'x')")
+    receiver.wait_for(1)
+    first, second = receiver.attempts
+    for call in (first, second):
+        verify(secret, call)
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+
+
+def test_unsigned_urls_carry_no_signature(db, receiver, daemon):
+    db.add_url("customer", "create", receiver.url("/plain"))
+    signed = db.add_url("customer", "create", receiver.url("/signed"))
+    db.one("SELECT crm_bridge.set_signing_secret(%s)", [signed])
+    assert db.one("SELECT crm_bridge.clear_signing_secret(%s)", [signed]) is True
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-u', 'x')")
+    calls = receiver.wait_for(2)
+    for call in calls:
+        assert "webhook-signature" not in call.headers and "webhook-timestamp" not in call.headers
+
+
+def test_a_given_secret_is_used_as_is(db, receiver, daemon):
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    tid = db.add_url("customer", "create", receiver.url("/given"))
+    assert db.one("SELECT crm_bridge.set_signing_secret(%s, %s)", [tid, secret]) == secret
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-g', 'x')")
+    verify(secret, receiver.wait_for(1)[0])
+
+
+@pytest.mark.parametrize("bad", ["hunter2-not-a-secret", "whsec_short", "whsec_!!!!notbase64!!!!!!!!!!!!!!!!!!!!"])
+def test_malformed_secrets_are_rejected_without_echoing_them(db, bad):
+    tid = db.add_url("customer", "create", "http://127.0.0.1:9/x")
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as exc:
+        db.execute("SELECT crm_bridge.set_signing_secret(%s, %s)", [tid, bad])
+    assert "signing secret" in str(exc.value) and bad not in str(exc.value)
+
+
+def test_sign_matches_the_reference_implementation():
+    from datetime import UTC, datetime
+
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    body = json.dumps({"a": "ü"}, ensure_ascii=False)
+    expected = Webhook(secret).sign("msg_1", datetime.fromtimestamp(1_700_000_000, UTC), body)
+    assert sign(secret, "msg_1", 1_700_000_000, body.encode()) == expected
+
+
+def test_the_secret_never_reaches_logs_or_recorded_errors(db, receiver, daemon_factory):
+    d = daemon_factory(env={"CRM_BRIDGE_LOG_LEVEL": "DEBUG"})
+    tid = db.add_url("customer", "create", receiver.url("/echo"))
+    secret = db.one("SELECT crm_bridge.set_signing_secret(%s)", [tid])
+    key = secret.removeprefix("whsec_")
+    # A receiver that echoes everything it was sent (and, for good measure, the secret) in its error body.
+    receiver.answer("/echo", Rule(status=500, body=f"bad signature; expected key {secret} / {key}"))
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-l', 'x')")
+    db.wait_until("SELECT status FROM crm_bridge.delivery", expect="dead")
+    recorded = db.all("SELECT last_error FROM crm_bridge.delivery UNION ALL SELECT error FROM crm_bridge.attempt")
+    assert len(recorded) == 4
+    for (text,) in recorded:
+        assert "HTTP 500" in text and key not in text
+    d.stop()
+    assert "delivery 1 (customer/create) is dead" in d.log
+    assert key not in d.log
