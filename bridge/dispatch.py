@@ -60,12 +60,14 @@ class Stats:
 
 class Daemon:
     def __init__(self, settings: Settings, *, client: httpx.AsyncClient | None = None,
-                 on_ready: Callable[[], None] | None = None) -> None:
+                 on_ready: Callable[[], None] | None = None,
+                 on_outcome: Callable[[Delivery, Outcome], None] | None = None) -> None:
         self.s = settings
         self.policy = RetryPolicy(settings)
         self.stats = Stats()
         self._client = client
         self._on_ready = on_ready
+        self._on_outcome = on_outcome   # metrics (bridge/service.py)
         self._listener = Listener(settings.dsn)
         self._pool: AsyncConnectionPool | None = None
         self._url_held: dict[int, int] = {}
@@ -79,6 +81,7 @@ class Daemon:
         self._stopping = False
         self.healthy = False
         self.ready = anyio.Event()
+        self.loop_tick = time.monotonic()   # last main-loop turn: the systemd watchdog checks it
 
     # -- public -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -140,6 +143,7 @@ class Daemon:
     async def _main_loop(self, tg: TaskGroup) -> None:
         backoff = 0.1
         while not self._stopping:
+            self.loop_tick = time.monotonic()
             try:
                 await self._step(tg)
                 backoff = 0.1
@@ -268,6 +272,8 @@ class Daemon:
     async def _deliver(self, d: Delivery) -> None:
         assert self._client is not None
         outcome = await attempt(self._client, self.policy, d, self.s)
+        if self._on_outcome:
+            self._on_outcome(d, outcome)
         if outcome.status == "delivered":
             self.stats.delivered += 1
             self.stats.record_latency(max(0.0, time.time() - d.event_created_at.timestamp()))

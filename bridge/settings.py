@@ -103,8 +103,11 @@ class Settings:
             raise SettingsError("grace must be >= 0 and retention_days > 0")
         from .http import parse_networks
 
-        parse_networks(self.deny_cidrs)
-        parse_networks(self.allow_cidrs)
+        for name in ("deny_cidrs", "allow_cidrs"):
+            try:
+                parse_networks(getattr(self, name))
+            except ValueError as exc:
+                raise SettingsError(f"{name}: {exc}") from None
         if self.metrics_addr:
             parse_host_port(self.metrics_addr)
 
