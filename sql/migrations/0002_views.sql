@@ -8,6 +8,13 @@
 --   in_flight  deliveries a daemon is calling right now (claimed under a lease)
 --   dead       dead letters: given up, kept until replayed or purged
 -- Every count uses a status-specific predicate so that it can use the partial indexes of 0001.
+-- Ages are intervals, NULL when there is nothing waiting.
+
+-- now() - ts, never negative (an event created while this statement runs has age 0), NULL for NULL.
+CREATE FUNCTION crm_bridge.age_of(ts timestamptz) RETURNS interval
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$ SELECT CASE WHEN ts IS NOT NULL THEN greatest(now() - ts, interval '0') END $$;
+COMMENT ON FUNCTION crm_bridge.age_of(timestamptz) IS 'now() - ts, at least 0; NULL when ts is NULL';
 
 -- ---------------------------------------------------------------------------------------------
 -- The outbox per object and event.
@@ -16,7 +23,7 @@ CREATE VIEW crm_bridge.backlog AS
 SELECT e.object, e.event,
        count(*)                                       AS events,
        min(e.created_at)                              AS oldest_at,
-       greatest(now() - min(e.created_at), interval '0') AS oldest_age
+       crm_bridge.age_of(min(e.created_at))          AS oldest_age
   FROM crm_bridge.event e
  GROUP BY e.object, e.event;
 COMMENT ON VIEW crm_bridge.backlog IS
@@ -30,7 +37,7 @@ SELECT t.id, t.object, t.event, t.url, t.enabled, t.paused,
        CASE WHEN NOT t.enabled THEN 'disabled' WHEN t.paused THEN 'paused' ELSE 'active' END AS state,
        p.pending, p.retrying, i.in_flight, d.dead,
        least(p.oldest_at, i.oldest_at)                                   AS oldest_pending_at,
-       greatest(now() - least(p.oldest_at, i.oldest_at), interval '0')  AS oldest_pending_age,
+       crm_bridge.age_of(least(p.oldest_at, i.oldest_at))               AS oldest_pending_age,
        d.last_dead_at
   FROM crm_bridge.crm_trigger t
  CROSS JOIN LATERAL (
@@ -94,9 +101,9 @@ WITH outbox AS (
      WHERE x.status IN ('pending', 'in_flight')
 )
 SELECT o.backlog,
-       greatest(now() - o.oldest_at, interval '0')                          AS oldest_event_age,
+       crm_bridge.age_of(o.oldest_at)                                      AS oldest_event_age,
        c.pending, c.retrying, c.in_flight, c.dead,
-       greatest(now() - least(o.oldest_at, w.oldest_at), interval '0')     AS oldest_pending_age,
+       crm_bridge.age_of(least(o.oldest_at, w.oldest_at))                  AS oldest_pending_age,
        (SELECT count(*) FROM crm_bridge.crm_trigger WHERE enabled AND NOT paused) AS active_urls,
        (SELECT count(*) FROM pg_catalog.pg_stat_activity
          WHERE datname = current_database() AND application_name = 'crm-bridge listener') AS daemons,
