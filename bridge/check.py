@@ -185,7 +185,8 @@ def check_hosts(urls: list[dict], settings: Settings, report: Report) -> None:
                 report.add("error", f"URL {ids}: {exc} (settings deny_cidrs / allow_cidrs)")
                 bad += 1
         if not bad:
-            report.add("ok", f"{len(by_host)} host{'s' if len(by_host) > 1 else ''} resolve to allowed addresses")
+            many = len(by_host) > 1
+            report.add("ok", f"{len(by_host)} host{'s resolve' if many else ' resolves'} to allowed addresses")
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 

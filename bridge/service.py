@@ -78,7 +78,7 @@ class Service:
         self.snapshot: Snapshot | None = None
         self.rate = 0.0
         self._stopping = False
-        self._pinging: bool | None = None
+        self._held_back = False         # watchdog pings withheld (logged once per outage)
         self._schema_warned = False
 
     # -- hooks the daemon calls -------------------------------------------------------------
@@ -144,17 +144,18 @@ class Service:
         if interval is None:
             return
         while True:
-            alive = self.alive()
-            if alive:
+            d = self.daemon
+            if self.alive():
                 self.notifier.watchdog()
-            if alive != self._pinging and self.daemon is not None and self.daemon.ready.is_set():
-                if alive:
+                if self._held_back:
+                    self._held_back = False
                     log.info("watchdog: pinging systemd again")
-                else:
-                    why = ("the database is unavailable" if not self.daemon.healthy
-                           else f"the main loop has not turned for {time.monotonic() - self.daemon.loop_tick:.0f} s")
-                    log.warning("watchdog: not pinging systemd: %s", why)
-            self._pinging = alive
+            elif d is not None and d.ready.is_set() and not self._held_back:
+                # Said once per outage: systemd restarts the daemon after WatchdogSec without pings.
+                self._held_back = True
+                why = ("the database is unavailable" if not d.healthy
+                       else f"the main loop has not turned for {time.monotonic() - d.loop_tick:.0f} s")
+                log.warning("watchdog: not pinging systemd: %s", why)
             await anyio.sleep(max(interval / 3, 0.02))
 
     # -- status -----------------------------------------------------------------------------

@@ -173,3 +173,21 @@ def test_multi_field_messages_arrive_as_one_datagram(notify_socket):
     with contextlib.closing(n):
         assert n.stopping("bye\nnow")
     notify_socket.wait_for(lambda m: m == ["STOPPING=1", "STATUS=bye now"], timeout=5)
+
+
+@pytest.mark.slow
+def test_watchdog_stops_while_the_main_loop_is_stuck_on_a_lock(db, daemon_factory, plain_notify_socket):
+    sock = plain_notify_socket
+    daemon = daemon_factory(env=systemd_env(sock), start=False).start(wait_ready=False)
+    ready = sock.wait_for(lambda m: "READY=1" in m)
+    sock.wait_for(lambda m: m == ["WATCHDOG=1"], since=ready)
+    # A DBA's ALTER TABLE (or VACUUM FULL) on the outbox: the database is up, the daemon's claim
+    # query waits.  Stall limit with FAST_ENV: 2 x poll_interval (0.5 s) + 5 s.
+    with psycopg.connect(db.dsn) as blocker:
+        blocker.execute("LOCK TABLE crm_bridge.event IN ACCESS EXCLUSIVE MODE")
+        sock.wait_quiet("WATCHDOG=1", quiet=1.5, timeout=20)
+        daemon.wait_log("watchdog: not pinging systemd: the main loop has not turned for")
+        stuck = len(sock.messages)
+        blocker.rollback()
+    sock.wait_for(lambda m: m == ["WATCHDOG=1"], since=stuck, timeout=10)
+    assert daemon.stop() == 0
