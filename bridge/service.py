@@ -198,16 +198,21 @@ class Service:
         conn = await psycopg.AsyncConnection.connect(
             self.s.dsn, autocommit=True, application_name="crm-bridge status", connect_timeout=5)
         await conn.execute(Q.status_session, {"timeout": "5s"})
+        # One snapshot per refresh: the totals and the per-URL numbers must agree.
+        await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+        await conn.set_read_only(True)
         return conn
 
 
 async def take_snapshot(conn: psycopg.AsyncConnection, *, urls: bool) -> Snapshot:
-    cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(Q.status_summary)
-    summary = await cur.fetchone()
-    assert summary is not None
-    rows: list[dict] = []
-    if urls:
-        await cur.execute(Q.metrics_urls, {"limit": MAX_URL_LABELS})
-        rows = await cur.fetchall()
+    """Read crm_bridge.summary (and, for the metrics, url_queue) in one read-only transaction."""
+    async with conn.transaction():
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(Q.status_summary)
+        summary = await cur.fetchone()
+        assert summary is not None
+        rows: list[dict] = []
+        if urls:
+            await cur.execute(Q.metrics_urls, {"limit": MAX_URL_LABELS})
+            rows = await cur.fetchall()
     return Snapshot(summary=summary, urls=rows)

@@ -33,6 +33,7 @@ def busy_queue(db, receiver, daemon_factory):
     db.execute("INSERT INTO crm.case (case_id, account_id, subject) VALUES ('case-1', 'acc-1', 'x')")
     db.wait_until("SELECT count(*) FROM crm_bridge.delivery WHERE status = 'dead'", expect=1)
     db.wait_until("SELECT count(*) FROM crm_bridge.delivery WHERE status = 'delivered'", expect=1)
+    db.wait_until("SELECT count(*) FROM crm_bridge.delivery WHERE status = 'pending'", expect=1)
     assert daemon.stop() == 0
     db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-2', 'Bob')")
     db.execute("INSERT INTO crm.task (task_id, account_id, title) VALUES ('t-1', 'acc-1', 'a'), ('t-2', 'acc-1', 'b')")
