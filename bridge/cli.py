@@ -60,10 +60,13 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .dispatch import Daemon
+    from .service import Service
 
     settings = _settings_from(args)
     setup_logging(settings.log_level, settings.log_format)
-    daemon = Daemon(settings)
+    # sd_notify (READY/WATCHDOG/STATUS/STOPPING) and the opt-in metrics: bridge/service.py
+    service = Service(settings)
+    daemon = Daemon(settings, on_ready=service.on_ready, on_outcome=service.on_outcome)
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
@@ -73,14 +76,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                         log.info("received %s: stopping (grace %g s)", signal.Signals(signum).name,
                                  settings.grace)
                         daemon.stop()
+                        service.stopping()
                         return
 
             tg.start_soon(on_signal)
+            tg.start_soon(service.run)
             log.info("crm-bridge daemon starting (worker %s)", settings.worker_id)
             await daemon.run()
             tg.cancel_scope.cancel()
 
-    anyio.run(main)
+    with service.serving(daemon):
+        anyio.run(main)
     return 0
 
 
@@ -102,7 +108,30 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return run(args, resolve_dsn(args.dsn), "purge")
 
 
-COMMANDS = {"migrate": cmd_migrate, "run": cmd_run, "demo": cmd_demo, "replay": cmd_replay, "purge": cmd_purge}
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import run_check
+
+    return run_check(_settings_from(args))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import StatusError, gather, render_json, render_text
+
+    settings = _settings_from(args)
+    with psycopg.connect(settings.dsn, connect_timeout=10, application_name="crm-bridge status") as conn:
+        try:
+            data = gather(conn)
+        except StatusError as exc:
+            print(f"crm-bridge: {exc}", file=sys.stderr)
+            return 1
+    print(render_json(data) if args.json else render_text(data))
+    return 0
+
+
+
+COMMANDS = {"migrate": cmd_migrate, "run": cmd_run, "demo": cmd_demo, "replay": cmd_replay, "purge": cmd_purge,
+            "check": cmd_check, "status": cmd_status}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, help="default per-attempt HTTP timeout, seconds")
 
     sub.add_parser("demo", help="throwaway PostgreSQL + receiver + daemon: watch the calls happen")
+
+    c = sub.add_parser("check", help="check settings, connection, schema version, URLs and attached tables",
+                       description="Exit status: 0 no problems, 1 problems found, 2 invalid settings, "
+                                   "3 cannot connect, 4 database error.")
+    c.add_argument("--config", help="TOML settings file (default: $CRM_BRIDGE_CONFIG)")
+
+    st = sub.add_parser("status", help="backlog, per-URL pending/retrying/in-flight/dead, last success/failure")
+    st.add_argument("--config", help="TOML settings file (default: $CRM_BRIDGE_CONFIG)")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
 
     from .deadletters import add_filter_args
 

@@ -78,12 +78,14 @@ async def _configure_connection(conn: psycopg.AsyncConnection) -> None:
 
 class Daemon:
     def __init__(self, settings: Settings, *, client: httpx.AsyncClient | None = None,
-                 on_ready: Callable[[], None] | None = None) -> None:
+                 on_ready: Callable[[], None] | None = None,
+                 on_outcome: Callable[[Delivery, Outcome], None] | None = None) -> None:
         self.s = settings
         self.policy = RetryPolicy(settings)
         self.stats = Stats()
         self._client = client
         self._on_ready = on_ready
+        self._on_outcome = on_outcome   # metrics (bridge/service.py)
         self._listener = Listener(settings.dsn)
         self._pool: AsyncConnectionPool | None = None
         self._url_held: dict[int, int] = {}
@@ -99,6 +101,7 @@ class Daemon:
         self._stopping = False
         self.healthy = False
         self.ready = anyio.Event()
+        self.loop_tick = time.monotonic()   # last main-loop turn: the systemd watchdog checks it
 
     # -- public -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -159,6 +162,7 @@ class Daemon:
     async def _main_loop(self, tg: TaskGroup) -> None:
         backoff = 0.1
         while not self._stopping:
+            self.loop_tick = time.monotonic()
             try:
                 await self._step(tg)
                 backoff = 0.1
@@ -182,7 +186,8 @@ class Daemon:
     async def _step(self, tg: TaskGroup) -> None:
         if self._held >= self._max_held():
             self._capacity = anyio.Event()
-            await self._capacity.wait()
+            with anyio.move_on_after(self.s.poll_interval):  # keep the loop (and watchdog) ticking
+                await self._capacity.wait()
             return
         if await self._drain_once(tg):
             return
@@ -290,6 +295,8 @@ class Daemon:
     async def _deliver(self, d: Delivery) -> None:
         assert self._client is not None
         outcome = await attempt(self._client, self.policy, d, self.s)
+        if self._on_outcome:
+            self._on_outcome(d, outcome)
         if outcome.status == "delivered":
             self.stats.delivered += 1
             self.stats.record_latency(max(0.0, time.time() - d.event_created_at.timestamp()))

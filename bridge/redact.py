@@ -35,23 +35,29 @@ def redact_url(url: str) -> str:
 
 
 # Patterns that are secret wherever they appear (log lines, exception text, receiver answers).
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/\s:@?#]*)(:[^/\s@?#]*)?@")
+_URL_IN_TEXT = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+")
 _SIGNING_SECRET = re.compile(r"whsec_[A-Za-z0-9+/=]+")
 _AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{4,}")
-_SECRET_QUERY = re.compile(r"(?i)([?&][^=&\s#]*(?:token|secret|password|passwd|pwd|signature|sig|apikey|api_key"
-                           r"|key|auth)[^=&\s#]*=)[^&\s#]*")
-
-
-def _mask_userinfo(m: re.Match[str]) -> str:
-    return f"{m[1]}{m[2]}:{MASK}@" if m[3] else f"{m[1]}{MASK}@"
+# name=value pairs whose name looks secret (query strings, libpq DSNs: password=...).
+_SECRET_PAIR = re.compile(
+    r"(?i)(?<![\w.-])([\w.-]*(?:token|secret|password|passwd|pwd|signature|sig|apikey|api_key|key|auth)[\w.-]*)"
+    r"=(?!\*\*\*)([^&\s\"',;]+)")
+# Header-like "Authorization: Bearer abc", "'x-api-key': 'abc'", "Cookie: a=b".
+_SECRET_HEADER = re.compile(
+    r"(?i)\b(authorization|proxy-authorization|x-api-key|api-key|x-auth-token|cookie|set-cookie)"
+    r"([\"']?\s*[:=]\s*[\"']?)((?:bearer|basic|token|digest|negotiate)\s+)?([^\s\"',;]+)")
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
-    """Mask known secret values (longest first) and anything shaped like a credential: URL userinfo,
-    whsec_ keys, Bearer/Basic tokens and secret-looking query parameters."""
+    """Mask credentials anywhere in free text (log lines, error messages, receiver answers): the
+    given secret values (longest first), URLs' user:password and secret-looking query parameters,
+    ``password=…`` pairs, Authorization/API-key/cookie headers, Bearer/Basic tokens, whsec_ keys."""
+    if not text:
+        return text
     for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
         text = text.replace(secret, MASK)
-    text = _URL_USERINFO.sub(_mask_userinfo, text)
-    text = _SIGNING_SECRET.sub(f"whsec_{MASK}", text)
+    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+    text = _SECRET_HEADER.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3) or ''}{MASK}", text)
     text = _AUTH_SCHEME.sub(lambda m: f"{m[1]}{m[2]}{MASK}", text)
-    return _SECRET_QUERY.sub(lambda m: f"{m[1]}{MASK}", text)
+    text = _SIGNING_SECRET.sub(f"whsec_{MASK}", text)
+    return _SECRET_PAIR.sub(lambda m: f"{m.group(1)}={MASK}", text)

@@ -50,7 +50,8 @@ class Settings:
     # operations
     log_level: str = "INFO"
     log_format: str = "text"              # text | json
-    metrics_addr: str = ""
+    metrics_addr: str = ""                # HOST:PORT for Prometheus metrics; empty: off
+    status_interval: float = 10.0         # seconds between STATUS=/metrics refreshes from the DB
 
     @property
     def heartbeat_interval(self) -> float:
@@ -63,28 +64,31 @@ class Settings:
         env = os.environ if env is None else env
         flags = {k: v for k, v in (flags or {}).items() if v is not None}
         values: dict[str, Any] = {}
+        origin: dict[str, str] = {}     # where each value came from, for error messages
         path = flags.pop("config", None) or config_file or env.get("CRM_BRIDGE_CONFIG")
         if path:
-            values.update(_read_toml(Path(path)))
+            for name, value in _read_toml(Path(path)).items():
+                values[name], origin[name] = value, f"config file {path}"
         known = {f.name for f in fields(cls)}
         for name in known:
             key = f"CRM_BRIDGE_{name.upper()}"
             if key in env:
-                values[name] = env[key]
+                values[name], origin[name] = env[key], f"environment variable {key}"
         unknown = set(flags) - known
         if unknown:
             raise SettingsError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        values.update(flags)
+        for name, value in flags.items():
+            values[name], origin[name] = value, f"--{name.replace('_', '-')}"
         settings = cls()
         for f in fields(cls):
             if f.name in values:
-                setattr(settings, f.name, _coerce(f, values[f.name]))
+                setattr(settings, f.name, _coerce(f, values[f.name], origin[f.name]))
         settings.validate()
         return settings
 
     def validate(self) -> None:
         positive = ("timeout", "concurrency", "max_in_flight_per_url", "batch_size", "lease",
-                    "poll_interval", "max_attempts")
+                    "poll_interval", "max_attempts", "status_interval")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be > 0 (got {getattr(self, name)})")
@@ -100,11 +104,11 @@ class Settings:
             raise SettingsError("grace must be >= 0 and retention_days > 0")
         from .http import parse_networks, ssl_context
 
-        try:
-            parse_networks(self.deny_cidrs)
-            parse_networks(self.allow_cidrs)
-        except ValueError as exc:
-            raise SettingsError(str(exc)) from None
+        for name in ("deny_cidrs", "allow_cidrs"):
+            try:
+                parse_networks(getattr(self, name))
+            except ValueError as exc:
+                raise SettingsError(f"{name}: {exc}") from None
         if self.ca_bundle:
             if not Path(self.ca_bundle).exists():
                 raise SettingsError(f"ca_bundle {self.ca_bundle} not found (a PEM file or a directory of CAs)")
@@ -112,6 +116,19 @@ class Settings:
                 ssl_context(self.ca_bundle)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 raise SettingsError(f"ca_bundle {self.ca_bundle} cannot be loaded: {exc}") from None
+        if self.metrics_addr:
+            parse_host_port(self.metrics_addr)
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``127.0.0.1:9720``, ``[::1]:9720`` or ``:9720`` (all interfaces) -> (host, port)."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise SettingsError(f"metrics_addr must be HOST:PORT, e.g. 127.0.0.1:9720 (got {value!r})")
+    host = host.strip("[]")
+    if ":" in host and not value.strip().startswith("["):
+        raise SettingsError(f"metrics_addr: write an IPv6 address in brackets, e.g. [::1]:9720 (got {value!r})")
+    return host or "0.0.0.0", int(port)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -129,7 +146,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return dict(section)
 
 
-def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
+def _coerce(f: dataclasses.Field[Any], value: Any, origin: str = "") -> Any:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     try:
         if isinstance(default, bool):
@@ -151,4 +168,17 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
             return int(value)
         return str(value)
     except (TypeError, ValueError):
-        raise SettingsError(f"setting {f.name}: invalid value {value!r}") from None
+        where = f"{origin}: " if origin else ""
+        raise SettingsError(f"{where}invalid value {value!r} for {f.name} (expected {_kind(default)})") from None
+
+
+def _kind(default: Any) -> str:
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, tuple):
+        return "a comma-separated list" + (" of numbers" if default and isinstance(default[0], float) else "")
+    if isinstance(default, float):
+        return "a number"
+    if isinstance(default, int):
+        return "an integer"
+    return "a string"

@@ -202,3 +202,71 @@ SELECT crm_bridge.replay(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until
 -- name: purge_batch
 -- Delete up to %(limit)s matching dead letters.
 SELECT crm_bridge.purge(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s, %(limit)s);
+
+-- ---------------------------------------------------------------------------------------------
+-- Operations: `crm-bridge status`, `crm-bridge check`, the daemon's STATUS= line and metrics.
+-- They read the views of migrations/0002_views.sql, so DBAs in psql see the same numbers.
+-- ---------------------------------------------------------------------------------------------
+
+-- name: status_session
+-- The status connection never waits long: a slow view must not hold up STATUS= or a scrape.
+SELECT set_config('statement_timeout', %(timeout)s, false);
+
+-- name: status_summary
+-- One row: backlog, pending/retrying/in-flight/dead counts, oldest pending age, daemons.
+SELECT backlog, extract(epoch FROM oldest_event_age)::float8 AS oldest_event_age,
+       pending, retrying, in_flight, dead,
+       extract(epoch FROM oldest_pending_age)::float8 AS oldest_pending_age,
+       active_urls, daemons, at
+  FROM crm_bridge.summary;
+
+-- name: status_backlog
+-- The outbox per object and event.
+SELECT object, event, events, oldest_at, extract(epoch FROM oldest_age)::float8 AS oldest_age
+  FROM crm_bridge.backlog
+ ORDER BY object, event;
+
+-- name: status_urls
+-- Per URL: queue counts, oldest pending, last success and last failure.
+SELECT id, object, event, url, state, pending, retrying, in_flight, dead,
+       oldest_pending_at, extract(epoch FROM oldest_pending_age)::float8 AS oldest_pending_age,
+       last_dead_at, last_success_at, last_failure_at, last_failure_status, last_failure_error
+  FROM crm_bridge.url_status
+ ORDER BY id;
+
+-- name: metrics_urls
+-- Per URL queue counts for the metrics (cheap view; at most %(limit)s URLs).
+SELECT id, object, event, url, state, pending, retrying, in_flight, dead
+  FROM crm_bridge.url_queue
+ ORDER BY id
+ LIMIT %(limit)s;
+
+-- name: check_urls
+-- Every configured URL, for `crm-bridge check`.
+SELECT id, object, event, url, enabled, paused
+  FROM crm_bridge.crm_trigger
+ ORDER BY id;
+
+-- name: check_unattached
+-- Objects that have enabled URLs but no table attached: nothing will ever call those URLs.
+SELECT t.object, count(*) AS urls, o.id_params
+  FROM crm_bridge.crm_trigger t
+  JOIN crm_bridge.object_type o ON o.object = t.object
+ WHERE t.enabled
+   AND NOT EXISTS (SELECT 1 FROM crm_bridge.attachment a WHERE a.object = t.object)
+ GROUP BY t.object, o.id_params
+ ORDER BY t.object;
+
+-- name: check_attachments
+-- Attached tables whose capture triggers were dropped or disabled after attach(): one row per
+-- trigger that will not fire (problem: missing | disabled | replica-only).
+SELECT a.table_name::text AS table_name, a.object, w.name AS trigger_name,
+       CASE WHEN g.oid IS NULL THEN 'missing' WHEN g.tgenabled = 'D' THEN 'disabled'
+            ELSE 'replica-only' END AS problem
+  FROM crm_bridge.attachment a
+  JOIN crm_bridge.object_type o ON o.object = a.object
+ CROSS JOIN LATERAL unnest(
+       ARRAY(SELECT 'crm_bridge_emit_' || e FROM unnest(o.events) e)) AS w(name)
+  LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid = a.table_name AND g.tgname = w.name
+ WHERE g.oid IS NULL OR g.tgenabled IN ('D', 'R')
+ ORDER BY 1, 3;
