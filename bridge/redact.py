@@ -35,6 +35,7 @@ def redact_url(url: str) -> str:
 
 
 # Patterns that are secret wherever they appear (log lines, exception text, receiver answers).
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/\s:@?#]*)(:[^/\s@?#]*)?@")
 _URL_IN_TEXT = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+")
 _SIGNING_SECRET = re.compile(r"whsec_[A-Za-z0-9+/=]+")
 _AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{4,}")
@@ -56,6 +57,8 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
         return text
     for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
         text = text.replace(secret, MASK)
+    # user:password@ first: a password may hold characters that end the URL pattern below.
+    text = _URL_USERINFO.sub(lambda m: f"{m[1]}{m[2]}:{MASK}@" if m[3] else f"{m[1]}{MASK}@", text)
     text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
     text = _SECRET_HEADER.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3) or ''}{MASK}", text)
     text = _AUTH_SCHEME.sub(lambda m: f"{m[1]}{m[2]}{MASK}", text)
