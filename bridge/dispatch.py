@@ -211,7 +211,9 @@ class Daemon:
     async def _wait(self, seconds: float) -> None:
         """Wait for a NOTIFY, a local wake-up (retry due, stop) or the timeout."""
         if self._wake.is_set():
+            # Woken while busy (a slot freed, a retry scheduled): look at due deliveries too.
             self._wake = anyio.Event()
+            self._next_due = 0.0
             return
         if seconds <= 0:
             return
@@ -262,13 +264,16 @@ class Daemon:
                 busy_ids, busy_free = self._busy_arrays()
                 params.update(busy_ids=busy_ids, busy_free=busy_free,
                               batch=max(min(self.s.batch_size, self._max_held() - self._held), 0))
+                # Set before the await: a delivery finishing meanwhile may reset it to 0, and
+                # that reset must not be overwritten (a lost wake-up leaves work for the poll).
+                self._next_due = time.monotonic() + self.s.poll_interval
                 if params["batch"]:
                     await cur.execute(Q.claim_due, params)
                     due = await cur.fetchall()
                     self._spawn(tg, due)
                     self._waiting_hint = bool(due or pending)
-                if len(due) < params["batch"]:
-                    self._next_due = time.monotonic() + self.s.poll_interval
+                    if len(due) >= params["batch"]:
+                        self._next_due = 0.0  # a full batch: there is probably more
         if events or due:
             log.debug("claimed %d events (%d deliveries, %d waiting) and %d due deliveries; holding %d",
                       events, len(rows), pending, len(due), self._held)
