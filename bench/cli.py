@@ -37,6 +37,7 @@ PHASES = {
     "latency": latency.latency,
     "drain": drain.backlog_and_ceiling,
     "fanout": drain.fanout,
+    "prototypes": drain.prototypes,
     "idle": idle.idle,
 }
 

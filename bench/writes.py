@@ -123,10 +123,14 @@ def eight_writers(ctx: Ctx) -> dict[str, list[Run]]:
     ]
     ctx.report.tables.append(t)
     r_bridge = median(ratios(runs, "bridge"))
-    r_hasura = median([a.tps / b.tps for a, b in zip(runs["bridge"], runs["hasura"], strict=True)])
     ctx.report.set("1", f"{r_bridge:.2f} (daemon stopped: {median(ratios(runs, 'bridge_stopped')):.2f})",
                    r_bridge >= 0.85)
-    ctx.report.set("2", f"{r_hasura:.2f}", r_hasura > 1.0)
+    # Trigger against trigger: the Hasura-style variant has no consumer running, so the bridge is
+    # compared with its daemon stopped; the daemon-running figure is shown beside it.
+    r_trig = median(ratios(runs, "bridge_stopped", "hasura"))
+    r_live = median(ratios(runs, "bridge", "hasura"))
+    ctx.report.set("2", f"{r_trig:.2f} (bridge with daemon delivering: {r_live:.2f})", r_trig > 1.0,
+                   "verdict on trigger vs trigger: the Hasura-style log has no consumer here")
     return runs
 
 
