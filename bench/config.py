@@ -30,7 +30,7 @@ class Sizes:
 
 
 FULL = Sizes(
-    write_seconds=3, write_rounds=4, scale_seconds=2, scale_rounds=3, rows_per_tx=(1, 10, 100, 1000),
+    write_seconds=2, write_rounds=5, scale_seconds=2, scale_rounds=3, rows_per_tx=(1, 10, 100, 1000),
     bulk_rows=10_000, bulk_reps=5, latency_rates=(50, 200, 1000), latency_seconds=10.0,
     latency_warmup=1.0, raw_requests=20_000, backlog_events=100_000, drain_limit=90.0, fanout_events=2_000,
     fanout_urls=(1, 4, 16), fanout_limit=30.0, proto_events=6_000, proto_rounds=2, proto_limit=20.0,

@@ -23,6 +23,13 @@ transport already is aiohttp (bridge/http.py); the httpx layer on top builds Req
 objects, merges headers and re-parses the URL for every call, which is about half of the
 daemon's CPU per delivery.  Same session (so the same address policy and connection pool),
 same timeouts, same judgement of the outcome (RetryPolicy.judge).
+
+``linger`` (requires ``wakefix``) — a busy writer pays NOTIFY on almost every commit.  After
+each drain the daemon takes the idle lock again at once, so with writers committing faster
+than a wake-up round trip it ping-pongs: every commit NOTIFYs, every NOTIFY costs the daemon a
+full cycle (unlock, dispatch, lock, dispatch).  With this patch a drain that found several
+events makes the daemon poll every 2 ms for up to 50 ms before going idle; a lone event (the
+low-rate case the latency goal is about) still goes the NOTIFY way.
 """
 
 from __future__ import annotations
@@ -110,6 +117,7 @@ async def _drain_once(self: Daemon, tg: TaskGroup) -> bool:
         await cur.execute(Q.dispatch_events, params)
         rows = await cur.fetchall()
         events = len({r["event_id"] for r in rows})
+        self._bench_events = events  # type: ignore[attr-defined]  # read by the linger patch
         pending = self._spawn(tg, rows)
         due = []
         if pending or time.monotonic() >= self._next_due:
@@ -176,6 +184,42 @@ async def _attempt_raw(client: httpx.AsyncClient, policy: RetryPolicy, d: Delive
     return policy.judge(d, status=status, error=error, retry_after=retry_after, duration_ms=duration_ms)
 
 
+LINGER_MIN_EVENTS = 3      # a drain that found this many events means writers are busy...
+LINGER_POLL = 0.002        # ...so poll again after 2 ms...
+LINGER_FOR = 0.05          # ...for up to 50 ms after the last such drain, before going idle
+
+
+async def _step_linger(self: Daemon, tg: TaskGroup) -> None:
+    """bridge.dispatch.Daemon._step, lingering briefly (without the idle lock) when busy."""
+    if self._held >= self._max_held():
+        self._capacity = anyio.Event()
+        await self._capacity.wait()
+        return
+    if await self._drain_once(tg):
+        if getattr(self, "_bench_events", 0) >= LINGER_MIN_EVENTS:
+            self._bench_busy_at = time.monotonic()  # type: ignore[attr-defined]
+        return
+    if time.monotonic() - getattr(self, "_bench_busy_at", -1e9) < LINGER_FOR:
+        # CHANGED: writers are committing faster than a NOTIFY round trip: poll instead of going
+        # idle, so that they keep skipping NOTIFY (and its global commit lock).
+        with anyio.move_on_after(LINGER_POLL):
+            await self._wake.wait()
+        return
+    if await self._listener.enter_idle():
+        try:
+            if await self._drain_once(tg):
+                return
+            await self._wait(self._idle_timeout())
+        finally:
+            await self._listener.leave_idle()
+    else:
+        await self._wait(min(0.05, self._idle_timeout()))
+
+
+def _linger() -> None:
+    Daemon._step = _step_linger  # type: ignore[method-assign]
+
+
 def _batchclaim() -> None:
     global BATCH_CLAIMS
     BATCH_CLAIMS = True
@@ -185,7 +229,8 @@ def _rawsend() -> None:
     dispatch_module.attempt = _attempt_raw  # type: ignore[assignment]
 
 
-PATCHES: dict[str, Callable[[], None]] = {"wakefix": _wakefix, "batchclaim": _batchclaim, "rawsend": _rawsend}
+PATCHES: dict[str, Callable[[], None]] = {"wakefix": _wakefix, "batchclaim": _batchclaim, "rawsend": _rawsend,
+                                           "linger": _linger}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,8 @@ from .stats import median, spread
 from .variants import Variant
 from .writers import NotifyCounter
 
-WRITE_VARIANTS = [V.NONE, V.BRIDGE, V.BRIDGE_STOPPED, V.HASURA, V.NOTIFY_ALWAYS, V.STATIC, V.STATEMENT]
+WRITE_VARIANTS = [V.NONE, V.BRIDGE, V.BRIDGE_PATCHED, V.BRIDGE_STOPPED, V.HASURA, V.NOTIFY_ALWAYS,
+                  V.STATIC, V.STATEMENT]
 SCALE_VARIANTS = [V.NONE, V.BRIDGE_STOPPED, V.STATEMENT]
 BULK_VARIANTS = [V.NONE, V.BRIDGE_STOPPED, V.HASURA, V.STATIC, V.STATEMENT]
 
@@ -39,7 +40,7 @@ class Run:
 def _run(ctx: Ctx, variant: Variant, script: str, clients: int, seconds: int,
          counter: NotifyCounter) -> Run:
     ctx.reset(variant)
-    with ctx.daemon() if variant.daemon else contextlib.nullcontext() as daemon:
+    with ctx.daemon(patches=variant.patches) if variant.daemon else contextlib.nullcontext() as daemon:
         n0 = counter.settle()
         c0 = ctx.db.server_cpu()
         d0 = daemon.cpu_seconds() if daemon else None
@@ -119,12 +120,24 @@ def eight_writers(ctx: Ctx) -> dict[str, list[Run]]:
         "CPU ratio = server CPU per transaction of 'no trigger' ÷ this variant's (1.00 = free); it is "
         "what throughput would be if the server's CPU were the only limit, and it is far less noisy.",
         "notifying commits: NOTIFYs seen by a bench listener on channel crm_bridge ÷ transactions.",
-        "daemon CPU: the daemon process's CPU time ÷ wall time of the runs (100 % = one core).",
+        "daemon CPU: the daemon process's CPU time ÷ wall time of the runs (100 % = one core). "
+        "'prototype daemon' = the daemon with bench/daemon_patches.py wakefix + rawsend.",
     ]
     ctx.report.tables.append(t)
     r_bridge = median(ratios(runs, "bridge"))
+
+    def cpu(key: str) -> str:
+        values = [r.cpu_us for r in runs[key] if r.cpu_us]
+        return f"{median(values):.0f}" if values else "n/a"
+
+    dcpu = [r.daemon_cpu / (r.transactions / r.tps) * 100 for r in runs["bridge"] if r.daemon_cpu is not None]
     ctx.report.set("1", f"{r_bridge:.2f} (daemon stopped: {median(ratios(runs, 'bridge_stopped')):.2f})",
-                   r_bridge >= 0.85)
+                   r_bridge >= 0.85,
+                   f"server CPU µs/tx: none {cpu('none')}, trigger alone {cpu('bridge_stopped')}, with daemon "
+                   f"{cpu('bridge')} (daemon itself {median(dcpu):.0f} % of a core, same 2 cores); prototypes, "
+                   f"daemon stopped: static row {median(ratios(runs, 'static')):.2f}, statement "
+                   f"{median(ratios(runs, 'statement')):.2f}; prototype daemon running "
+                   f"{median(ratios(runs, 'bridge_patched')):.2f}")
     # Trigger against trigger: the Hasura-style variant has no consumer running, so the bridge is
     # compared with its daemon stopped; the daemon-running figure is shown beside it.
     r_trig = median(ratios(runs, "bridge_stopped", "hasura"))
@@ -139,9 +152,10 @@ def scaling(ctx: Ctx) -> dict[int, dict[str, list[Run]]]:
     s = ctx.sizes
     out: dict[int, dict[str, list[Run]]] = {}
     t = Table("Writer overhead by rows per transaction: 1 writer, one INSERT statement per transaction",
-              ["rows/tx", "variant", "rows/s (median)", "÷ none", "rounds", "server CPU µs/row", "CPU ratio"])
+              ["rows/tx", "variant", "rows/s (median)", "÷ none", "rounds", "server CPU µs/row", "CPU ratio",
+               "notifying commits", "daemon CPU"])
     for n in s.rows_per_tx:
-        variants = SCALE_VARIANTS + ([V.BRIDGE] if n == 1 else [])
+        variants = SCALE_VARIANTS + ([V.BRIDGE, V.BRIDGE_PATCHED] if n == 1 else [])
         script = BQ.insert_one if n == 1 else render("insert_many", rows=n)
         ctx.log(f"1 writer x {n}-row transactions, {len(variants)} variants x {s.scale_rounds} rounds")
         runs = compare(ctx, variants, script, 1, s.scale_seconds, s.scale_rounds)
@@ -152,17 +166,22 @@ def scaling(ctx: Ctx) -> dict[int, dict[str, list[Run]]]:
             rat = ratios(runs, v.key)
             cpus = [r.cpu_us for r in rs if r.cpu_us]
             cpu = median(cpus) / n if cpus else None
+            dcpu = [r.daemon_cpu for r in rs if r.daemon_cpu is not None]
             t.rows.append([str(n), v.label, f"{median([r.tps for r in rs]) * n:.0f}", f"{median(rat):.2f}",
-                           spread(rat), _fmt(cpu, ".1f"),
-                           _fmt(base_cpu / n / cpu if cpu else None, ".2f")])
+                           spread(rat), _fmt(cpu, ".1f"), _fmt(base_cpu / n / cpu if cpu else None, ".2f"),
+                           f"{sum(r.notifies for r in rs)} / {sum(r.transactions for r in rs)}" if v.attach else "—",
+                           f"{sum(dcpu) / sum(r.transactions / r.tps for r in rs) * 100:.0f} %" if dcpu else "—"])
     t.notes.append(f"{s.scale_rounds} rounds x {s.scale_seconds} s per variant and size; daemon stopped "
-                   "except in 'bridge, daemon running'.")
+                   "except in the 'daemon running' rows (prototype daemon: wakefix + rawsend).")
     ctx.report.tables.append(t)
     if 1 in out:
         r1 = median(ratios(out[1], "bridge"))
         ctx.report.goals["3"].figure = f"1 writer: {r1:.2f} (daemon stopped: " \
                                        f"{median(ratios(out[1], 'bridge_stopped')):.2f})"
         ctx.report.goals["3"].met = r1 >= 0.7
+        patched = median(ratios(out[1], "bridge_patched"))
+        ctx.report.goals["3"].note = (f"1 writer, prototype daemon running: {patched:.2f}; statement-trigger "
+                                      f"prototype (daemon stopped): {median(ratios(out[1], 'statement')):.2f}")
     return out
 
 
@@ -188,6 +207,8 @@ def bulk(ctx: Ctx) -> None:
                        f"{median(rat):.2f}", spread(rat)])
     ctx.report.tables.append(t)
     r = median([b / a for a, b in zip(times["bridge_stopped"], base, strict=True)])
+    r_stmt = median([b / a for a, b in zip(times["statement"], base, strict=True)])
     g = ctx.report.goals["3"]
     g.figure = (g.figure + "; " if g.figure != "not measured" else "") + f"{s.bulk_rows:,}-row INSERT: {r:.2f}"
     g.met = (g.met is not False) and r >= 0.7
+    g.note = (g.note + "; " if g.note else "") + f"{s.bulk_rows:,}-row INSERT, statement trigger: {r_stmt:.2f}"
