@@ -46,6 +46,12 @@ CREATE TRIGGER bench_capture AFTER INSERT ON crm.case
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION bench.emit_case_stmt_insert();
 
+-- name: attach_statement_qualified
+-- Prototype: the statement trigger without the function-level SET search_path (all names qualified).
+CREATE TRIGGER bench_capture AFTER INSERT ON crm.case
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION bench.emit_case_stmt_insert_q();
+
 -- name: clear_urls
 -- Remove every configured URL (the bench configures its own per phase).
 DELETE FROM crm_bridge.crm_trigger;

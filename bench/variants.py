@@ -27,8 +27,10 @@ HASURA = Variant("hasura", "Hasura-style JSON log", "attach_hasura")
 NOTIFY_ALWAYS = Variant("notify_always", "outbox + NOTIFY every row", "attach_notify_always")
 STATIC = Variant("static", "prototype: static row trigger", "attach_static")
 STATEMENT = Variant("statement", "prototype: statement trigger", "attach_statement")
+STATEMENT_Q = Variant("statement_q", "prototype: statement, no SET clause", "attach_statement_qualified")
 
-ALL = {v.key: v for v in (NONE, BRIDGE, BRIDGE_PATCHED, BRIDGE_STOPPED, HASURA, NOTIFY_ALWAYS, STATIC, STATEMENT)}
+ALL = {v.key: v for v in (NONE, BRIDGE, BRIDGE_PATCHED, BRIDGE_STOPPED, HASURA, NOTIFY_ALWAYS, STATIC, STATEMENT,
+                          STATEMENT_Q)}
 
 
 def use(conn: psycopg.Connection, variant: Variant) -> None:

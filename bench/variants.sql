@@ -112,3 +112,29 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Prototype "statement, qualified": the statement trigger without the function-level
+-- `SET search_path`, which costs a GUC save/restore on every call.  Without it a SECURITY
+-- DEFINER function resolves names through the *caller's* search_path, so every function, type
+-- and operator is schema-qualified (OPERATOR(pg_catalog.||)): nothing a caller creates in its
+-- own schemas can be picked up.  Tables are qualified too; new_rows is the transition table.
+-- ---------------------------------------------------------------------------------------------
+CREATE FUNCTION bench.emit_case_stmt_insert_q() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+BEGIN
+    INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin)
+    SELECT 'case', 'create', ARRAY[n.account_id::pg_catalog.text, n.case_id::pg_catalog.text],
+           session_user, pg_catalog.current_setting('crm_bridge.origin', true)
+      FROM new_rows n;
+    IF FOUND AND NOT pg_catalog.pg_try_advisory_xact_lock_shared(1668441442, 1)
+       AND pg_catalog.pg_notification_queue_usage() OPERATOR(pg_catalog.<) 0.5::pg_catalog.float8 THEN
+        PERFORM pg_catalog.pg_notify('crm_bridge', '{"xid":'
+            OPERATOR(pg_catalog.||) pg_catalog.pg_current_xact_id()::pg_catalog.text
+            OPERATOR(pg_catalog.||) '}');
+    END IF;
+    RETURN NULL;
+END
+$$;

@@ -23,9 +23,9 @@ from .variants import Variant
 from .writers import NotifyCounter
 
 WRITE_VARIANTS = [V.NONE, V.BRIDGE, V.BRIDGE_PATCHED, V.BRIDGE_STOPPED, V.HASURA, V.NOTIFY_ALWAYS,
-                  V.STATIC, V.STATEMENT]
+                  V.STATIC, V.STATEMENT, V.STATEMENT_Q]
 SCALE_VARIANTS = [V.NONE, V.BRIDGE_STOPPED, V.STATEMENT]
-BULK_VARIANTS = [V.NONE, V.BRIDGE_STOPPED, V.HASURA, V.STATIC, V.STATEMENT]
+BULK_VARIANTS = [V.NONE, V.BRIDGE_STOPPED, V.HASURA, V.STATIC, V.STATEMENT, V.STATEMENT_Q]
 
 
 @dataclass
@@ -136,14 +136,17 @@ def eight_writers(ctx: Ctx) -> dict[str, list[Run]]:
                    f"server CPU µs/tx: none {cpu('none')}, trigger alone {cpu('bridge_stopped')}, with daemon "
                    f"{cpu('bridge')} (daemon itself {median(dcpu):.0f} % of a core, same 2 cores); prototypes, "
                    f"daemon stopped: static row {median(ratios(runs, 'static')):.2f}, statement "
-                   f"{median(ratios(runs, 'statement')):.2f}; prototype daemon running "
+                   f"{median(ratios(runs, 'statement')):.2f}, statement without SET clause "
+                   f"{median(ratios(runs, 'statement_q')):.2f}; prototype daemon running "
                    f"{median(ratios(runs, 'bridge_patched')):.2f}")
     # Trigger against trigger: the Hasura-style variant has no consumer running, so the bridge is
     # compared with its daemon stopped; the daemon-running figure is shown beside it.
     r_trig = median(ratios(runs, "bridge_stopped", "hasura"))
     r_live = median(ratios(runs, "bridge", "hasura"))
+    r_proto = median(ratios(runs, "statement_q", "hasura"))
     ctx.report.set("2", f"{r_trig:.2f} (bridge with daemon delivering: {r_live:.2f})", r_trig > 1.0,
-                   "verdict on trigger vs trigger: the Hasura-style log has no consumer here")
+                   "verdict on trigger vs trigger (the Hasura-style log has no consumer here); "
+                   f"statement-trigger prototype without SET clause ÷ Hasura-style: {r_proto:.2f}")
     return runs
 
 
