@@ -114,8 +114,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> Report:
 
 
 PREFACE = [
-    "Written by `python -m bench --write-results` (see bench/README.md). Everything in one run, side by side;",
-    "ratios are taken within a round (interleaved variants) because the machine is shared and noisy.",
+    "Written by `python -m bench --write-results` (method: bench/README.md; what limits the unmet goals and",
+    "the proposed core changes: bench/FINDINGS.md). Everything in one run, side by side; ratios are taken",
+    "within a round (interleaved variants) because the machine is shared and noisy.",
 ]
 
 
