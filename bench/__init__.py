@@ -1,0 +1,1 @@
+"""crm-bridge's performance bench: `python -m bench` (see bench/README.md)."""

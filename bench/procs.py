@@ -1,0 +1,188 @@
+"""Handles on the processes the bench starts: the receiver and the real `crm-bridge run` daemon.
+
+Each is a context manager whose exit always ends the process (SIGTERM, then SIGKILL after a
+bounded wait), so a failing or interrupted bench leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import procstat
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL.  Returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
+class ReceiverProcess:
+    """bench.rxserver in a subprocess on 127.0.0.1."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dump_path = workdir / "receiver.dump"
+        self.log_path = workdir / "receiver.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self, timeout: float = 15.0) -> ReceiverProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.rxserver", "--dump", str(self.dump_path)],
+                cwd=REPO, stdout=subprocess.PIPE, stderr=log)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if not line.startswith("LISTENING "):
+            self.stop()
+            raise RuntimeError(f"bench receiver did not start: {line!r}; see {self.log_path}")
+        self.port = int(line.split()[1])
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _control(self, action: str) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request("GET", f"/__bench/{action}")
+            resp = conn.getresponse()
+            body = resp.read().decode()
+            if resp.status != 200:
+                raise RuntimeError(f"bench receiver: /__bench/{action} answered {resp.status}")
+            return body
+        finally:
+            conn.close()
+
+    def count(self) -> int:
+        return int(self._control("count"))
+
+    def reset(self) -> None:
+        self._control("reset")
+
+    def records(self) -> list[tuple[float, str]]:
+        """Every recorded request so far: (arrival time.time(), request target)."""
+        self._control("dump")
+        out = []
+        with self.dump_path.open() as f:
+            for line in f:
+                at, _, target = line.rstrip("\n").partition(" ")
+                out.append((float(at), target))
+        return out
+
+    def wait_count(self, n: int, timeout: float) -> int:
+        """Poll until ``n`` requests arrived or ``timeout`` passed; return the count."""
+        deadline = time.monotonic() + timeout
+        while (got := self.count()) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return got
+
+    def cpu_seconds(self) -> float | None:
+        return procstat.cpu_seconds(self.pid)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _terminate(self.proc, 10)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+    def __enter__(self) -> ReceiverProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class DaemonProcess:
+    """The real daemon, `python -m bridge.cli --dsn DSN run`, with its log in a file (or, with
+    ``patches``, the same daemon with prototype changes from bench/daemon_patches.py)."""
+
+    def __init__(self, dsn: str, workdir: Path, env: dict[str, str] | None = None,
+                 patches: tuple[str, ...] = ()) -> None:
+        self.dsn = dsn
+        self.patches = patches
+        self.env = {**os.environ, "CRM_BRIDGE_LOG_LEVEL": "INFO", **(env or {})}
+        self.env.pop("CRM_BRIDGE_DSN", None)
+        fd, name = tempfile.mkstemp(prefix="daemon-", suffix=".log", dir=workdir)
+        os.close(fd)
+        self.log_path = Path(name)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> DaemonProcess:
+        offset = self.log_path.stat().st_size
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self._command(),
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while "ready: listening" not in self.log_path.read_text(errors="replace")[offset:]:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"daemon not ready after {timeout:g} s; see {self.log_path}")
+            time.sleep(0.02)
+        return self
+
+    def _command(self) -> list[str]:
+        args = ["--dsn", self.dsn, "run"]
+        if self.patches:
+            # Prototype changes (bench/daemon_patches.py) applied to the same CLI.
+            return [sys.executable, "-m", "bench.daemon_patches", "--patch", ",".join(self.patches), "--", *args]
+        return [sys.executable, "-m", "bridge.cli", *args]
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def cpu_seconds(self) -> float | None:
+        return procstat.cpu_seconds(self.pid)
+
+    def peak_rss_mb(self) -> float | None:
+        return procstat.vm_hwm_mb(self.pid)
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        code = _terminate(self.proc, timeout)
+        self.proc = None
+        return code
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,137 @@
+"""CRM writers: pgbench with a custom script (preferred), else Python threads; and a NOTIFY counter.
+
+pgbench is a C client: 8 pgbench clients cost the machine far less than 8 Python writers, so
+the database, not the client, is what saturates.  ``-M prepared`` keeps the per-statement parse
+cost out, which makes the trigger's share of each write *larger* (the stricter comparison).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    transactions: int
+    seconds: float
+
+    @property
+    def tps(self) -> float:
+        return self.transactions / self.seconds if self.seconds > 0 else 0.0
+
+
+class Pgbench:
+    """Runs one SQL script with N clients for a number of seconds."""
+
+    name = "pgbench"
+
+    def __init__(self, exe: Path, dsn: str, workdir: Path) -> None:
+        self.exe = exe
+        self.dsn = dsn
+        self.workdir = workdir
+
+    def run(self, script: str, clients: int, seconds: int) -> WriteResult:
+        path = self.workdir / f"script-{abs(hash(script))}.sql"
+        path.write_text(script.rstrip().rstrip(";") + ";\n")
+        cmd = [str(self.exe), "--no-vacuum", "--protocol=prepared", f"--client={clients}",
+               f"--jobs={min(clients, 2)}", f"--time={max(1, int(seconds))}", f"--file={path}", self.dsn]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+        out = proc.stdout + proc.stderr
+        done = re.search(r"number of transactions actually processed: (\d+)", out)
+        tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+        if proc.returncode != 0 or not done or not tps:
+            raise RuntimeError(f"pgbench failed ({proc.returncode}):\n{out[-2000:]}")
+        n = int(done.group(1))
+        # pgbench's own figure excludes connection set-up; derive the window from it.
+        return WriteResult(n, n / float(tps.group(1)) if float(tps.group(1)) else float(seconds))
+
+
+class PythonWriters:
+    """Fallback when pgbench is not installed: one thread and connection per client."""
+
+    name = "Python writers (pgbench not found)"
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+
+    def run(self, script: str, clients: int, seconds: int) -> WriteResult:
+        conns = [psycopg.connect(self.dsn, autocommit=True) for _ in range(clients)]
+        counts = [0] * clients
+        start = threading.Barrier(clients + 1)
+        deadline = 0.0
+        errors: list[BaseException] = []
+
+        def work(i: int) -> None:
+            cur = conns[i].cursor()
+            start.wait()
+            try:
+                while time.monotonic() < deadline:
+                    cur.execute(script, prepare=True)
+                    counts[i] += 1
+            except BaseException as exc:  # reported by the caller
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(clients)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + seconds
+        t0 = time.monotonic()
+        start.wait()
+        for t in threads:
+            t.join(seconds + 60)
+        elapsed = time.monotonic() - t0
+        for c in conns:
+            c.close()
+        if errors:
+            raise RuntimeError(f"Python writer failed: {errors[0]}")
+        return WriteResult(sum(counts), elapsed)
+
+
+Writers = Pgbench | PythonWriters
+
+
+class NotifyCounter:
+    """LISTENs on the bridge's channel and counts notifications: one per notifying commit (each
+    transaction's payload carries its own xid, so PostgreSQL folds nothing across transactions).
+    This is how the bench sees how often writers paid for NOTIFY's global commit lock."""
+
+    def __init__(self, dsn: str, channel: str = "crm_bridge") -> None:
+        self.dsn = dsn
+        self.channel = channel
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: psycopg.Connection | None = None
+
+    def __enter__(self) -> NotifyCounter:
+        self._conn = psycopg.connect(self.dsn, autocommit=True)
+        self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        self._thread = threading.Thread(target=self._run, name="notify-counter", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        assert self._conn is not None
+        while not self._stop.is_set():
+            for _ in self._conn.notifies(timeout=0.1):
+                self.count += 1
+
+    def settle(self) -> int:
+        """The count after notifications already sent have had time to arrive."""
+        time.sleep(0.2)
+        return self.count
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self._conn is not None:
+            self._conn.close()

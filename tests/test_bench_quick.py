@@ -1,0 +1,29 @@
+"""The benchmark harness must keep running: `python -m bench --quick` end to end.
+
+Quick mode uses small sizes and never fails on performance goals (those live in bench/, not in
+unit tests); this only proves that every phase still works against the current code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_quick_runs_every_phase_and_reports_every_goal(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    env = {k: v for k, v in os.environ.items() if k != "CRM_BRIDGE_DSN"}
+    # Like the rest of the suite: an existing server when CRM_BRIDGE_TEST_DSN says so.
+    server = ["--dsn", os.environ["CRM_BRIDGE_TEST_DSN"]] if os.environ.get("CRM_BRIDGE_TEST_DSN") else []
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", *server, "--write-results", str(results)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = results.read_text()
+    for number in range(1, 8):
+        assert f"\n| {number} |" in text, f"goal {number} missing from RESULTS.md"
+    assert "not measured" not in text
+    assert "python -m bench --quick" in text
