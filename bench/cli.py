@@ -37,7 +37,6 @@ PHASES = {
     "latency": latency.latency,
     "drain": drain.backlog_and_ceiling,
     "fanout": drain.fanout,
-    "prototypes": drain.prototypes,
     "idle": idle.idle,
 }
 

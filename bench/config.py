@@ -23,9 +23,6 @@ class Sizes:
     fanout_events: int
     fanout_urls: tuple[int, ...]
     fanout_limit: float
-    proto_events: int             # backlog for the daemon prototypes
-    proto_rounds: int
-    proto_limit: float
     idle_seconds: float
 
 
@@ -33,7 +30,7 @@ FULL = Sizes(
     write_seconds=2, write_rounds=5, scale_seconds=2, scale_rounds=3, rows_per_tx=(1, 10, 100, 1000),
     bulk_rows=10_000, bulk_reps=5, latency_rates=(50, 200, 1000), latency_seconds=10.0,
     latency_warmup=1.0, raw_requests=20_000, backlog_events=100_000, drain_limit=90.0, fanout_events=2_000,
-    fanout_urls=(1, 4, 16), fanout_limit=30.0, proto_events=6_000, proto_rounds=2, proto_limit=20.0,
+    fanout_urls=(1, 4, 16), fanout_limit=30.0,
     idle_seconds=10.0,
 )
 
@@ -41,6 +38,6 @@ QUICK = Sizes(
     write_seconds=1, write_rounds=1, scale_seconds=1, scale_rounds=1, rows_per_tx=(1, 100),
     bulk_rows=2_000, bulk_reps=1, latency_rates=(50, 200), latency_seconds=1.5,
     latency_warmup=0.3, raw_requests=1_000, backlog_events=1_000, drain_limit=5.0, fanout_events=200,
-    fanout_urls=(1, 4), fanout_limit=4.0, proto_events=300, proto_rounds=1, proto_limit=3.0,
+    fanout_urls=(1, 4), fanout_limit=4.0,
     idle_seconds=2.0,
 )

@@ -64,9 +64,8 @@ class Ctx:
 
     # -- the daemon ---------------------------------------------------------------------------
     @contextmanager
-    def daemon(self, env: dict[str, str] | None = None,
-               patches: tuple[str, ...] = ()) -> Iterator[DaemonProcess]:
-        d = DaemonProcess(self.db.dsn, self.workdir, {**DAEMON_ENV, **(env or {})}, patches)
+    def daemon(self, env: dict[str, str] | None = None) -> Iterator[DaemonProcess]:
+        d = DaemonProcess(self.db.dsn, self.workdir, {**DAEMON_ENV, **(env or {})})
         d.start()
         try:
             yield d

@@ -10,12 +10,9 @@ database's own timestamps.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from . import variants as V
@@ -26,8 +23,8 @@ from .sqlq import BQ, render
 from .stats import median
 
 RAW_LIBS = ("aiohttp", "httpx-aiohttp")
-PER_URL_CONCURRENCY = 16     # the daemon's default max_in_flight per URL
-TOTAL_CONCURRENCY = 128      # the daemon's default concurrency (all URLs together)
+PER_URL_CONCURRENCY = 32     # the daemon's default max_in_flight per URL
+TOTAL_CONCURRENCY = 512      # the daemon's default concurrency (all URLs together)
 WRITE_CHUNK = 10_000         # backlog rows per INSERT statement
 
 
@@ -82,7 +79,7 @@ def write_backlog(ctx: Ctx, events: int) -> None:
         left -= n
 
 
-def drain(ctx: Ctx, events: int, urls: int, limit: float, patches: tuple[str, ...] = ()) -> Drain:
+def drain(ctx: Ctx, events: int, urls: int, limit: float) -> Drain:
     """Write a backlog of ``events`` for ``urls`` URLs with the daemon down, then time the drain
     (at most ``limit`` seconds: a daemon that is too slow is measured, not waited for)."""
     ctx.reset(V.BRIDGE_STOPPED)
@@ -91,7 +88,7 @@ def drain(ctx: Ctx, events: int, urls: int, limit: float, patches: tuple[str, ..
     ctx.conn.execute(BQ.checkpoint)
     ctx.rx.reset()
     rx0 = ctx.rx.cpu_seconds()
-    with ctx.daemon(patches=patches) as daemon:
+    with ctx.daemon() as daemon:
         t0 = time.monotonic()
         cpu0 = daemon.cpu_seconds()
         complete = ctx.wait_drained(timeout=limit)
@@ -128,9 +125,6 @@ def backlog_and_ceiling(ctx: Ctx) -> Drain:
             f"peak RSS {_fmt_mb(d.peak_rss_mb)}, {d.status}")
     for lib in reversed(RAW_LIBS):
         rates[lib].append(raw(ctx, lib, PER_URL_CONCURRENCY, s.raw_requests))
-    best = next(v for v in PROTOTYPES if v.key == "wakefix+rawsend")
-    p = drain(ctx, s.backlog_events, 1, s.drain_limit, best.patches)
-    ctx.log(f"    drain, {best.label}: {p.db_rate:.0f} deliveries/s, peak RSS {_fmt_mb(p.peak_rss_mb)}, {p.status}")
     ceiling_lib = max(RAW_LIBS, key=lambda lib: median(rates[lib]))
     ceiling = median(rates[ceiling_lib])
     t = Table(f"Backlog drain and raw-client ceiling: 1 URL, concurrency {PER_URL_CONCURRENCY} "
@@ -139,12 +133,12 @@ def backlog_and_ceiling(ctx: Ctx) -> Drain:
     for lib in RAW_LIBS:
         t.rows.append([f"raw {lib}", f"{median(rates[lib]):.0f}", " / ".join(f"{r:.0f}" for r in rates[lib]),
                        f"{median(rates[lib]) / ceiling:.2f}", "", "", ""])
-    for label, x in (("crm-bridge daemon", d), (f"prototype: {best.label}", p)):
+    for label, x in (("crm-bridge daemon", d),):
         t.rows.append([f"{label}, end to end", f"{x.db_rate:.0f}", "1", f"{x.db_rate / ceiling:.2f}",
                        _fmt_mb(x.peak_rss_mb), _pct(x.daemon_cpu_pct),
                        f"{x.status}; {x.wire_rate:.0f}/s on the wire"])
     t.notes += [
-        f"{s.raw_requests:,} requests per raw run, order: raw, raw, drain, raw, raw, prototype drain; each raw "
+        f"{s.raw_requests:,} requests per raw run, order: raw, raw, drain, raw, raw; each raw "
         "client is its own process, as the daemon is.",
         f"Drains: {s.backlog_events:,} events written while no daemon ran; end to end = deliveries recorded as "
         "delivered ÷ (last outcome - first claim), database clock; a drain not finished within "
@@ -153,13 +147,13 @@ def backlog_and_ceiling(ctx: Ctx) -> Drain:
     ]
     ctx.report.tables.append(t)
     ratio = d.db_rate / ceiling
+    httpx_rate = median(rates["httpx-aiohttp"]) if "httpx-aiohttp" in rates else None
     ctx.report.set("5", f"{ratio:.2f} ({d.db_rate:.0f}/s vs raw {ceiling_lib} {ceiling:.0f}/s)", ratio >= 0.8,
-                   f"prototype {best.key}: {p.db_rate / ceiling:.2f}")
+                   "" if not httpx_rate else
+                   f"÷ raw httpx on aiohttp (the daemon's client): {d.db_rate / httpx_rate:.2f}")
     rss_ok = d.peak_rss_mb is not None and d.peak_rss_mb < 150
     ctx.report.set("6", f"{d.db_rate:.0f}/s ({d.status}), peak RSS {_fmt_mb(d.peak_rss_mb)}",
-                   d.complete and d.db_rate >= 2000 and rss_ok,
-                   f"{s.backlog_events:,} events; prototype {best.key}: {p.db_rate:.0f}/s, "
-                   f"{_fmt_mb(p.peak_rss_mb)}")
+                   d.complete and d.db_rate >= 2000 and rss_ok, f"{s.backlog_events:,} events")
     return d
 
 
@@ -186,61 +180,3 @@ def fanout(ctx: Ctx) -> list[Drain]:
                        _pct(d.daemon_cpu_pct), d.status])
     ctx.report.tables.append(t)
     return out
-
-
-@dataclass(frozen=True)
-class DaemonVariant:
-    key: str
-    label: str
-    patches: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-
-
-PROTOTYPES = [
-    DaemonVariant("current", "crm-bridge daemon as is"),
-    DaemonVariant("wakefix", "wakefix", ("wakefix",)),
-    DaemonVariant("wakefix+rawsend", "wakefix + rawsend", ("wakefix", "rawsend")),
-    DaemonVariant("wakefix+rawsend+64", "wakefix + rawsend, max_in_flight 64", ("wakefix", "rawsend"),
-                  (("CRM_BRIDGE_MAX_IN_FLIGHT_PER_URL", "64"),)),
-]
-
-
-def prototypes(ctx: Ctx) -> None:
-    """The daemon with the prototype patches of bench/daemon_patches.py, side by side."""
-    s = ctx.sizes
-    ctx.log(f"daemon prototypes: {s.proto_events:,}-event backlog x {len(PROTOTYPES)} variants x "
-            f"{s.proto_rounds} rounds")
-    runs: dict[str, list[Drain]] = {v.key: [] for v in PROTOTYPES}
-    for r in range(s.proto_rounds):
-        order = PROTOTYPES[r % len(PROTOTYPES):] + PROTOTYPES[:r % len(PROTOTYPES)]
-        for v in order:
-            with _env(v.env):
-                d = drain(ctx, s.proto_events, 1, s.proto_limit, v.patches)
-            runs[v.key].append(d)
-            ctx.log(f"    {v.label:40} {d.db_rate:6.0f}/s  {d.status}")
-    t = Table(f"Daemon prototypes (bench/daemon_patches.py): drain of a {s.proto_events:,}-event backlog, 1 URL",
-              ["daemon", "deliveries/s (median)", "runs", "÷ as is", "daemon CPU"])
-    base = median([d.db_rate for d in runs["current"]])
-    for v in PROTOTYPES:
-        rates = [d.db_rate for d in runs[v.key]]
-        cpus = [d.daemon_cpu_pct for d in runs[v.key] if d.daemon_cpu_pct is not None]
-        t.rows.append([v.label, f"{median(rates):.0f}", " / ".join(f"{x:.0f}" for x in rates),
-                       f"{median(rates) / base:.1f}" if base else "n/a", _pct(median(cpus) if cpus else None)])
-    t.notes.append(f"{s.proto_rounds} rounds, order rotated; a run is cut after {s.proto_limit:g} s and "
-                   "reported as its rate so far.")
-    ctx.report.tables.append(t)
-
-
-@contextmanager
-def _env(pairs: tuple[tuple[str, str], ...]) -> Iterator[None]:
-    """Extra daemon settings through the environment the daemon inherits."""
-    saved = {k: os.environ.get(k) for k, _ in pairs}
-    os.environ.update(dict(pairs))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -25,7 +25,6 @@ from .stats import percentile
 from .writers import NotifyCounter
 
 WRITER_CONNECTIONS = 8
-PROTOTYPE_PATCHES = ("wakefix", "rawsend")
 CASE_ID = re.compile(r"CaseID=([^&]+)")
 
 
@@ -106,9 +105,9 @@ def latency(ctx: Ctx) -> list[LatencyResult]:
     ctx.set_urls(["/latency"])
     runs: list[tuple[str, LatencyResult]] = []
     # The real daemon at every rate, then the prototype daemon at the highest rate only.
-    plan = [("as is", (), s.latency_rates), ("prototype", PROTOTYPE_PATCHES, s.latency_rates[-1:])]
-    for label, patches, rates in plan:
-        with ctx.daemon(patches=patches) as daemon, NotifyCounter(ctx.db.dsn) as counter:
+    plan = [("as is", s.latency_rates)]
+    for label, rates in plan:
+        with ctx.daemon() as daemon, NotifyCounter(ctx.db.dsn) as counter:
             for rate in rates:
                 res = _measure(ctx, f"lat{len(runs)}r{rate}", rate, counter, daemon.cpu_seconds)
                 runs.append((label, res))
@@ -124,7 +123,7 @@ def latency(ctx: Ctx) -> list[LatencyResult]:
                        "n/a" if r.daemon_cpu_pct is None else f"{r.daemon_cpu_pct:.0f} %"])
     t.notes.append(f"{WRITER_CONNECTIONS} writer connections, one 1-row INSERT transaction every 1/rate s; "
                    f"the first {s.latency_warmup:g} s of each rate are not counted; daemon with default "
-                   f"settings (poll interval 2 s); prototype = bench/daemon_patches.py {'+'.join(PROTOTYPE_PATCHES)}.")
+                   f"settings (poll interval 2 s).")
     ctx.report.tables.append(t)
     at200 = next((r for label, r in runs if r.rate == 200 and label == "as is"), None)
     if at200:

@@ -117,13 +117,10 @@ class ReceiverProcess:
 
 
 class DaemonProcess:
-    """The real daemon, `python -m bridge.cli --dsn DSN run`, with its log in a file (or, with
-    ``patches``, the same daemon with prototype changes from bench/daemon_patches.py)."""
+    """The real daemon, `python -m bridge.cli --dsn DSN run`, with its log in a file."""
 
-    def __init__(self, dsn: str, workdir: Path, env: dict[str, str] | None = None,
-                 patches: tuple[str, ...] = ()) -> None:
+    def __init__(self, dsn: str, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.dsn = dsn
-        self.patches = patches
         self.env = {**os.environ, "CRM_BRIDGE_LOG_LEVEL": "INFO", **(env or {})}
         self.env.pop("CRM_BRIDGE_DSN", None)
         fd, name = tempfile.mkstemp(prefix="daemon-", suffix=".log", dir=workdir)
@@ -148,11 +145,7 @@ class DaemonProcess:
         return self
 
     def _command(self) -> list[str]:
-        args = ["--dsn", self.dsn, "run"]
-        if self.patches:
-            # Prototype changes (bench/daemon_patches.py) applied to the same CLI.
-            return [sys.executable, "-m", "bench.daemon_patches", "--patch", ",".join(self.patches), "--", *args]
-        return [sys.executable, "-m", "bridge.cli", *args]
+        return [sys.executable, "-m", "bridge.cli", "--dsn", self.dsn, "run"]
 
     @property
     def pid(self) -> int:

@@ -15,22 +15,16 @@ class Variant:
     label: str
     attach: str | None        # name of the attach_* query in bench.sql; None: no trigger
     daemon: bool = False      # the real daemon runs (and delivers) during the measurement
-    patches: tuple[str, ...] = ()   # ...with these prototype patches (bench/daemon_patches.py)
 
 
 NONE = Variant("none", "no trigger", None)
 BRIDGE = Variant("bridge", "bridge, daemon running", "attach_bridge", daemon=True)
-BRIDGE_PATCHED = Variant("bridge_patched", "bridge, prototype daemon running", "attach_bridge", daemon=True,
-                         patches=("wakefix", "rawsend"))
 BRIDGE_STOPPED = Variant("bridge_stopped", "bridge, daemon stopped", "attach_bridge")
 HASURA = Variant("hasura", "Hasura-style JSON log", "attach_hasura")
 NOTIFY_ALWAYS = Variant("notify_always", "outbox + NOTIFY every row", "attach_notify_always")
-STATIC = Variant("static", "prototype: static row trigger", "attach_static")
-STATEMENT = Variant("statement", "prototype: statement trigger", "attach_statement")
 STATEMENT_Q = Variant("statement_q", "prototype: statement, no SET clause", "attach_statement_qualified")
 
-ALL = {v.key: v for v in (NONE, BRIDGE, BRIDGE_PATCHED, BRIDGE_STOPPED, HASURA, NOTIFY_ALWAYS, STATIC, STATEMENT,
-                          STATEMENT_Q)}
+ALL = {v.key: v for v in (NONE, BRIDGE, BRIDGE_STOPPED, HASURA, NOTIFY_ALWAYS, STATEMENT_Q)}
 
 
 def use(conn: psycopg.Connection, variant: Variant) -> None:

@@ -22,10 +22,9 @@ from .stats import median, spread
 from .variants import Variant
 from .writers import NotifyCounter
 
-WRITE_VARIANTS = [V.NONE, V.BRIDGE, V.BRIDGE_PATCHED, V.BRIDGE_STOPPED, V.HASURA, V.NOTIFY_ALWAYS,
-                  V.STATIC, V.STATEMENT, V.STATEMENT_Q]
-SCALE_VARIANTS = [V.NONE, V.BRIDGE_STOPPED, V.STATEMENT]
-BULK_VARIANTS = [V.NONE, V.BRIDGE_STOPPED, V.HASURA, V.STATIC, V.STATEMENT, V.STATEMENT_Q]
+WRITE_VARIANTS = [V.NONE, V.BRIDGE, V.BRIDGE_STOPPED, V.HASURA, V.NOTIFY_ALWAYS, V.STATEMENT_Q]
+SCALE_VARIANTS = [V.NONE, V.BRIDGE_STOPPED]
+BULK_VARIANTS = [V.NONE, V.BRIDGE_STOPPED, V.HASURA, V.STATEMENT_Q]
 
 
 @dataclass
@@ -40,7 +39,7 @@ class Run:
 def _run(ctx: Ctx, variant: Variant, script: str, clients: int, seconds: int,
          counter: NotifyCounter) -> Run:
     ctx.reset(variant)
-    with ctx.daemon(patches=variant.patches) if variant.daemon else contextlib.nullcontext() as daemon:
+    with ctx.daemon() if variant.daemon else contextlib.nullcontext() as daemon:
         n0 = counter.settle()
         c0 = ctx.db.server_cpu()
         d0 = daemon.cpu_seconds() if daemon else None
@@ -120,8 +119,7 @@ def eight_writers(ctx: Ctx) -> dict[str, list[Run]]:
         "CPU ratio = server CPU per transaction of 'no trigger' ÷ this variant's (1.00 = free); it is "
         "what throughput would be if the server's CPU were the only limit, and it is far less noisy.",
         "notifying commits: NOTIFYs seen by a bench listener on channel crm_bridge ÷ transactions.",
-        "daemon CPU: the daemon process's CPU time ÷ wall time of the runs (100 % = one core). "
-        "'prototype daemon' = the daemon with bench/daemon_patches.py wakefix + rawsend.",
+        "daemon CPU: the daemon process's CPU time ÷ wall time of the runs (100 % = one core).",
     ]
     ctx.report.tables.append(t)
     r_bridge = median(ratios(runs, "bridge"))
@@ -134,11 +132,8 @@ def eight_writers(ctx: Ctx) -> dict[str, list[Run]]:
     ctx.report.set("1", f"{r_bridge:.2f} (daemon stopped: {median(ratios(runs, 'bridge_stopped')):.2f})",
                    r_bridge >= 0.85,
                    f"server CPU µs/tx: none {cpu('none')}, trigger alone {cpu('bridge_stopped')}, with daemon "
-                   f"{cpu('bridge')} (daemon itself {median(dcpu):.0f} % of a core, same 2 cores); prototypes, "
-                   f"daemon stopped: static row {median(ratios(runs, 'static')):.2f}, statement "
-                   f"{median(ratios(runs, 'statement')):.2f}, statement without SET clause "
-                   f"{median(ratios(runs, 'statement_q')):.2f}; prototype daemon running "
-                   f"{median(ratios(runs, 'bridge_patched')):.2f}")
+                   f"{cpu('bridge')} (daemon itself {median(dcpu):.0f} % of a core, same 2 cores); prototype "
+                   f"statement trigger without SET clause, daemon stopped: {median(ratios(runs, 'statement_q')):.2f}")
     # Trigger against trigger: the Hasura-style variant has no consumer running, so the bridge is
     # compared with its daemon stopped; the daemon-running figure is shown beside it.
     r_trig = median(ratios(runs, "bridge_stopped", "hasura"))
@@ -158,7 +153,7 @@ def scaling(ctx: Ctx) -> dict[int, dict[str, list[Run]]]:
               ["rows/tx", "variant", "rows/s (median)", "÷ none", "rounds", "server CPU µs/row", "CPU ratio",
                "notifying commits", "daemon CPU"])
     for n in s.rows_per_tx:
-        variants = SCALE_VARIANTS + ([V.BRIDGE, V.BRIDGE_PATCHED] if n == 1 else [])
+        variants = SCALE_VARIANTS + ([V.BRIDGE] if n == 1 else [])
         script = BQ.insert_one if n == 1 else render("insert_many", rows=n)
         ctx.log(f"1 writer x {n}-row transactions, {len(variants)} variants x {s.scale_rounds} rounds")
         runs = compare(ctx, variants, script, 1, s.scale_seconds, s.scale_rounds)
@@ -175,16 +170,14 @@ def scaling(ctx: Ctx) -> dict[int, dict[str, list[Run]]]:
                            f"{sum(r.notifies for r in rs)} / {sum(r.transactions for r in rs)}" if v.attach else "—",
                            f"{sum(dcpu) / sum(r.transactions / r.tps for r in rs) * 100:.0f} %" if dcpu else "—"])
     t.notes.append(f"{s.scale_rounds} rounds x {s.scale_seconds} s per variant and size; daemon stopped "
-                   "except in the 'daemon running' rows (prototype daemon: wakefix + rawsend).")
+                   "except in the 'daemon running' rows.")
     ctx.report.tables.append(t)
     if 1 in out:
         r1 = median(ratios(out[1], "bridge"))
         ctx.report.goals["3"].figure = f"1 writer: {r1:.2f} (daemon stopped: " \
                                        f"{median(ratios(out[1], 'bridge_stopped')):.2f})"
         ctx.report.goals["3"].met = r1 >= 0.7
-        patched = median(ratios(out[1], "bridge_patched"))
-        ctx.report.goals["3"].note = (f"1 writer, prototype daemon running: {patched:.2f}; statement-trigger "
-                                      f"prototype (daemon stopped): {median(ratios(out[1], 'statement')):.2f}")
+        ctx.report.goals["3"].note = "1 writer: the daemon runs on the same 2 cores as the writer"
     return out
 
 
@@ -210,8 +203,9 @@ def bulk(ctx: Ctx) -> None:
                        f"{median(rat):.2f}", spread(rat)])
     ctx.report.tables.append(t)
     r = median([b / a for a, b in zip(times["bridge_stopped"], base, strict=True)])
-    r_stmt = median([b / a for a, b in zip(times["statement"], base, strict=True)])
+    r_stmt = median([b / a for a, b in zip(times["statement_q"], base, strict=True)])
     g = ctx.report.goals["3"]
     g.figure = (g.figure + "; " if g.figure != "not measured" else "") + f"{s.bulk_rows:,}-row INSERT: {r:.2f}"
     g.met = (g.met is not False) and r >= 0.7
-    g.note = (g.note + "; " if g.note else "") + f"{s.bulk_rows:,}-row INSERT, statement trigger: {r_stmt:.2f}"
+    g.note = ((g.note + "; " if g.note else "")
+              + f"{s.bulk_rows:,}-row INSERT, prototype without SET clause: {r_stmt:.2f}")
