@@ -257,8 +257,10 @@ class Daemon:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(Q.dispatch_events, params)
             rows = await cur.fetchall()
-            events = len({r["event_id"] for r in rows})
-            pending = self._spawn(tg, rows)
+            events, pending = rows[0]["n_events"], rows[0]["n_pending"]
+            self.stats.unrouted += rows[0]["n_unrouted"]
+            rows = [{k: v for k, v in r.items() if not k.startswith("n_")} for r in rows if r["id"] is not None]
+            self._spawn(tg, rows)
             due = []
             if pending or time.monotonic() >= self._next_due:
                 busy_ids, busy_free = self._busy_arrays()
@@ -275,27 +277,19 @@ class Daemon:
                     if len(due) >= params["batch"]:
                         self._next_due = 0.0  # a full batch: there is probably more
         if events or due:
-            log.debug("claimed %d events (%d deliveries, %d waiting) and %d due deliveries; holding %d",
+            log.debug("claimed %d events (%d deliveries now, %d waiting) and %d due deliveries; holding %d",
                       events, len(rows), pending, len(due), self._held)
         return bool(events or due)
 
-    def _spawn(self, tg: TaskGroup, rows: list[dict]) -> int:
-        """Start a task per claimed delivery; return how many were left pending."""
-        pending = 0
+    def _spawn(self, tg: TaskGroup, rows: list[dict]) -> None:
+        """Start a task per claimed delivery."""
         for row in rows:
-            status = row["status"]
-            if status != "in_flight":
-                # unrouted/coalesced are finished already; pending waits for a free slot or its turn.
-                self.stats.unrouted += status == "unrouted"
-                pending += status == "pending"
-                continue
             d = Delivery.from_row(row)
             assert d.trigger_id is not None
             self._held += 1
             self._url_held[d.trigger_id] = self._url_held.get(d.trigger_id, 0) + 1
             self._url_limit[d.trigger_id] = d.max_in_flight or self.s.max_in_flight_per_url
             tg.start_soon(self._deliver, d)
-        return pending
 
     async def _deliver(self, d: Delivery) -> None:
         assert self._client is not None

@@ -70,15 +70,28 @@ WITH ev AS (
      ORDER BY d.id, d.rec_no, d.trigger_id
     RETURNING id, event_id, object, event, ids, event_created_at, trigger_id, status, attempts, ordered
 )
-SELECT ins.id, ins.event_id, ins.object, ins.event, ins.ids, ins.event_created_at, ins.status,
-       ins.attempts, t.id AS trigger_id, t.url, t.timeout_ms, t.max_attempts, t.retry_schedule,
-       t.max_in_flight, o.id_params, ins.ordered,
-       t.method, t.headers, t.follow_redirects,
-       (SELECT s.secret FROM crm_bridge.signing_secret s WHERE s.trigger_id = t.id) AS signing_secret
-  FROM ins
-  LEFT JOIN crm_bridge.crm_trigger t ON t.id = ins.trigger_id
-  JOIN crm_bridge.object_type o ON o.object = ins.object
- ORDER BY ins.id;
+-- Only the claimed deliveries come back (a bulk event may create 100,000 pending ones), plus the
+-- counts on every row; a single row of counts with NULL deliveries when nothing was claimed.
+, counts AS (
+    SELECT count(DISTINCT event_id) AS n_events,
+           count(*) FILTER (WHERE status = 'pending') AS n_pending,
+           count(*) FILTER (WHERE status = 'unrouted') AS n_unrouted
+      FROM ins
+)
+SELECT c.n_events, c.n_pending, c.n_unrouted, x.*
+  FROM counts c
+  LEFT JOIN (
+      SELECT ins.id, ins.event_id, ins.object, ins.event, ins.ids, ins.event_created_at, ins.status,
+             ins.attempts, t.id AS trigger_id, t.url, t.timeout_ms, t.max_attempts, t.retry_schedule,
+             t.max_in_flight, o.id_params, ins.ordered,
+             t.method, t.headers, t.follow_redirects,
+             (SELECT s.secret FROM crm_bridge.signing_secret s WHERE s.trigger_id = t.id) AS signing_secret
+        FROM ins
+        JOIN crm_bridge.crm_trigger t ON t.id = ins.trigger_id
+        JOIN crm_bridge.object_type o ON o.object = ins.object
+       WHERE ins.status = 'in_flight'
+  ) x ON true
+ ORDER BY x.id;
 
 -- name: claim_due
 -- Claim pending deliveries whose next attempt is due: per enabled, unpaused URL at most its free
