@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import functools
-import re
 from pathlib import Path
+
+from bridge.sqlfiles import Queries, split_named
 
 HERE = Path(__file__).resolve().parent
 
 
 @functools.cache
 def queries() -> dict[str, str]:
-    """``{name: query}`` from the ``-- name: xxx`` headers of bench.sql (leading comments dropped)."""
-    text = (HERE / "bench.sql").read_text()
-    parts = re.split(r"^-- name: (\w+)[^\n]*\n", text, flags=re.M)
-    out: dict[str, str] = {}
-    for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        lines = body.strip().splitlines()
-        while lines and lines[0].startswith("--"):
-            lines.pop(0)
-        out[name] = "\n".join(lines).strip()
-    return out
+    """``{name: query}`` from the ``-- name: xxx`` headers of bench.sql."""
+    return split_named((HERE / "bench.sql").read_text())
 
 
 def variants_sql() -> str:
@@ -37,14 +30,4 @@ def render(name: str, **params: int) -> str:
     return text
 
 
-class _Queries:
-    """Attribute access: ``BQ.reset``."""
-
-    def __getattr__(self, name: str) -> str:
-        try:
-            return queries()[name]
-        except KeyError:
-            raise AttributeError(f"no query named {name!r} in bench/bench.sql") from None
-
-
-BQ = _Queries()
+BQ = Queries(queries, "bench/bench.sql")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,25 +49,39 @@ def reference_crm() -> str:
     return (sql_dir() / "reference_crm.sql").read_text()
 
 
-@functools.cache
-def queries() -> dict[str, str]:
-    """Split ``queries.sql`` into ``{name: query}`` at its ``-- name: xxx`` headers."""
-    text = (sql_dir() / "queries.sql").read_text()
+def split_named(text: str) -> dict[str, str]:
+    """Split SQL text into ``{name: query}`` at its ``-- name: xxx`` headers (the one-line
+    descriptions after a header are dropped with the header)."""
     parts = re.split(r"^-- name: (\w+)[^\n]*\n", text, flags=re.M)
     out: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        out[name] = body.strip()
+        lines = body.strip().splitlines()
+        while lines and lines[0].startswith("--"):
+            lines.pop(0)
+        out[name] = "\n".join(lines).strip()
     return out
 
 
+@functools.cache
+def queries() -> dict[str, str]:
+    """The daemon's and the CLI's queries, from ``queries.sql``."""
+    return split_named((sql_dir() / "queries.sql").read_text())
+
+
 class Queries:
-    """Attribute access to the named queries: ``Q.claim_due``."""
+    """Attribute access to named queries: ``Q.claim_due``."""
+
+    def __init__(self, load: Callable[[], dict[str, str]] = queries, source: str = "sql/queries.sql") -> None:
+        self._load = load
+        self._source = source
 
     def __getattr__(self, name: str) -> str:
+        if name.startswith("_"):
+            raise AttributeError(name)
         try:
-            return queries()[name]
+            return self._load()[name]
         except KeyError:
-            raise AttributeError(f"no query named {name!r} in sql/queries.sql") from None
+            raise AttributeError(f"no query named {name!r} in {self._source}") from None
 
 
 Q = Queries()
