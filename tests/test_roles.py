@@ -172,3 +172,19 @@ def test_migrate_roles_creates_nologin_groups_and_reapplies_them(empty_dsn):
             for role in (admin, daemon):
                 conn.execute(psycopg.sql.SQL("DROP OWNED BY {} CASCADE").format(psycopg.sql.Identifier(role)))
                 conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(role)))
+
+
+def test_admin_role_attaches_a_table_it_may_trigger_and_app_writes_are_captured(db, roles):
+    sql = psycopg.sql
+    db.execute("CREATE TABLE public.tickets (acct text, ticket text)")
+    db.execute(sql.SQL("GRANT TRIGGER ON public.tickets TO {}").format(sql.Identifier(roles.admin)))
+    db.execute(sql.SQL("GRANT INSERT, DELETE ON public.tickets TO {}").format(sql.Identifier(roles.app)))
+    db.execute("CREATE TABLE public.secret_stuff (acct text, ticket text)")  # no TRIGGER for admin
+    with roles.connect(roles.admin) as admin:
+        admin.execute("SELECT crm_bridge.attach('public.tickets', 'case', ARRAY['acct', 'ticket'])")
+        denied(admin, "SELECT crm_bridge.attach('public.secret_stuff', 'case', ARRAY['acct', 'ticket'])")
+    with roles.connect(roles.app) as app:
+        app.execute("INSERT INTO public.tickets VALUES ('a1', 't1')")
+        app.execute("DELETE FROM public.tickets")
+    assert db.all("SELECT event, ids FROM crm_bridge.event ORDER BY id") == [
+        ("create", [["a1", "t1"]]), ("delete", [["a1", "t1"]])]

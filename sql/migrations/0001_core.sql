@@ -381,9 +381,25 @@ $gen$;
 -- ---------------------------------------------------------------------------------------------
 -- attach()/detach(): put the capture trigger on any table.
 -- ---------------------------------------------------------------------------------------------
+-- attach()/detach() run as the schema's owner (SECURITY DEFINER): the generated capture function
+-- must be owned by a role that may write crm_bridge.event, and created in crm_bridge.  Callers
+-- need the TRIGGER privilege on the table itself, checked explicitly.
+CREATE FUNCTION crm_bridge.require_trigger_privilege_v1(tbl regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, crm_bridge
+AS $$
+BEGIN
+    IF NOT has_table_privilege(session_user, tbl, 'TRIGGER') THEN
+        RAISE EXCEPTION 'permission denied: role % needs the TRIGGER privilege on table % to attach or detach it',
+            session_user, tbl USING ERRCODE = 'insufficient_privilege';
+    END IF;
+END
+$$;
+
 CREATE FUNCTION crm_bridge.attach(tbl regclass, object text, id_columns text[])
 RETURNS void
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, crm_bridge
 AS $$
 DECLARE
@@ -393,6 +409,7 @@ DECLARE
     args    text;
     cond    text;
 BEGIN
+    PERFORM crm_bridge.require_trigger_privilege_v1(tbl);
     SELECT o.id_params, o.events INTO params, evs FROM crm_bridge.object_type o WHERE o.object = attach.object;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown CRM object "%" (expected one of: %)', object,
@@ -455,11 +472,13 @@ COMMENT ON FUNCTION crm_bridge.attach(regclass, text, text[]) IS
 
 CREATE FUNCTION crm_bridge.detach(tbl regclass) RETURNS boolean
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, crm_bridge
 AS $$
 DECLARE
     had boolean;
 BEGIN
+    PERFORM crm_bridge.require_trigger_privilege_v1(tbl);
     had := EXISTS (SELECT 1 FROM pg_trigger t
                     WHERE t.tgrelid = tbl AND t.tgname IN ('crm_bridge_emit_create', 'crm_bridge_emit_delete',
                                                            'crm_bridge_emit_edit'));
