@@ -123,6 +123,8 @@ def json_body(d: Delivery) -> bytes:
     occurred = d.event_created_at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     doc = {"object": d.object, "event": d.event, "ids": dict(zip(d.id_params, d.ids, strict=True)),
            "occurred_at": occurred, "event_id": d.event_id}
+    if d.row:  # include_row: the captured row(s), {"new": …} / {"old": …} / both
+        doc.update(d.row)
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 

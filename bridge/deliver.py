@@ -52,6 +52,7 @@ class Delivery:
     headers: Any = None                     # crm_trigger.headers (jsonb): {"Name": "value"}
     follow_redirects: bool | None = None
     signing_secret: str | None = field(default=None, repr=False)
+    row: Any = field(default=None, repr=False)  # {"new"/"old": captured row}, for include_row URLs
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Delivery:

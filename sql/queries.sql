@@ -9,14 +9,16 @@ WITH ev AS (
     DELETE FROM crm_bridge.event
      WHERE id = ANY (ARRAY(SELECT e.id FROM crm_bridge.event e
                             ORDER BY e.id LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
-    RETURNING id, object, event, ids, created_at, origin_role, origin, changed
+    RETURNING id, object, event, ids, created_at, origin_role, origin, changed, rows
 ), rec AS (
     -- Statement-level captures hold several records: ids is then 2-D, one row per record.
     SELECT ev.id, ev.object, ev.event, ev.created_at, ev.origin_role, ev.origin, ev.changed, k AS rec_no,
-           CASE WHEN array_ndims(ev.ids) = 2 THEN ARRAY(SELECT unnest(ev.ids[k:k])) ELSE ev.ids END AS ids
+           CASE WHEN array_ndims(ev.ids) = 2 THEN ARRAY(SELECT unnest(ev.ids[k:k])) ELSE ev.ids END AS ids,
+           ev.rows -> (k - 1) AS row_data
       FROM ev, generate_series(1, CASE WHEN array_ndims(ev.ids) = 2 THEN array_length(ev.ids, 1) ELSE 1 END) AS k
 ), routed AS (
     SELECT ev.*, ev.ids::text AS record_key, t.id AS trigger_id, t.url, t.paused, t.ordered, t.coalesce_edits,
+           t.include_row,
            row_number() OVER (PARTITION BY t.id ORDER BY ev.id, ev.rec_no) AS n_url,
            row_number() OVER (PARTITION BY t.id, ev.ids::text ORDER BY ev.id, ev.rec_no) AS n_record,
            row_number() OVER (PARTITION BY t.id, ev.ids::text, ev.event ORDER BY ev.id, ev.rec_no) AS n_record_event,
@@ -58,17 +60,18 @@ WITH ev AS (
 ), ins AS (
     INSERT INTO crm_bridge.delivery (event_id, object, event, ids, event_created_at, trigger_id, url,
                                      record_key, ordered, status, next_attempt_at, lease_until, worker,
-                                     finished_at, last_error)
+                                     finished_at, last_error, row)
     SELECT d.id, d.object, d.event, d.ids, d.created_at, d.trigger_id, d.url, d.record_key,
            coalesce(d.ordered, false), d.status,
            CASE WHEN d.status IN ('pending', 'in_flight') THEN now() END,
            CASE WHEN d.status = 'in_flight' THEN now() + %(lease)s::interval END,
            CASE WHEN d.status = 'in_flight' THEN %(worker)s END,
            CASE WHEN d.status IN ('unrouted', 'coalesced') THEN now() END,
-           CASE WHEN d.status = 'coalesced' THEN 'folded into an earlier unsent edit call for this record' END
+           CASE WHEN d.status = 'coalesced' THEN 'folded into an earlier unsent edit call for this record' END,
+           CASE WHEN d.include_row THEN d.row_data END
       FROM decided d
      ORDER BY d.id, d.rec_no, d.trigger_id
-    RETURNING id, event_id, object, event, ids, event_created_at, trigger_id, status, attempts, ordered
+    RETURNING id, event_id, object, event, ids, event_created_at, trigger_id, status, attempts, ordered, row
 )
 -- Only the claimed deliveries come back (a bulk event may create 100,000 pending ones), plus the
 -- counts on every row; a single row of counts with NULL deliveries when nothing was claimed.
@@ -85,7 +88,8 @@ SELECT c.n_events, c.n_pending, c.n_unrouted, x.*
              ins.attempts, t.id AS trigger_id, t.url, t.timeout_ms, t.max_attempts, t.retry_schedule,
              t.max_in_flight, o.id_params, ins.ordered,
              t.method, t.headers, t.follow_redirects,
-             (SELECT s.secret FROM crm_bridge.signing_secret s WHERE s.trigger_id = t.id) AS signing_secret
+             (SELECT s.secret FROM crm_bridge.signing_secret s WHERE s.trigger_id = t.id) AS signing_secret,
+             ins.row
         FROM ins
         JOIN crm_bridge.crm_trigger t ON t.id = ins.trigger_id
         JOIN crm_bridge.object_type o ON o.object = ins.object
@@ -125,7 +129,8 @@ RETURNING d.id, d.event_id, d.object, d.event, d.ids, d.event_created_at, d.stat
           t.id AS trigger_id, t.url, t.timeout_ms, t.max_attempts, t.retry_schedule,
           t.max_in_flight, o.id_params, d.ordered,
           t.method, t.headers, t.follow_redirects,
-          (SELECT s.secret FROM crm_bridge.signing_secret s WHERE s.trigger_id = t.id) AS signing_secret;
+          (SELECT s.secret FROM crm_bridge.signing_secret s WHERE s.trigger_id = t.id) AS signing_secret,
+          d.row;
 
 -- name: complete
 -- Record the outcome of finished attempts in one statement; failed attempts also get a row in

@@ -176,8 +176,11 @@ CREATE TABLE crm_bridge.event (
     created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     origin_role name,
     origin      text,
-    changed     text[]
+    changed     text[],
+    rows        jsonb
 );
+COMMENT ON COLUMN crm_bridge.event.rows IS
+    'tables attached with capture_rows: per record {"new": row} / {"old": row} / both, aligned with ids';
 COMMENT ON COLUMN crm_bridge.event.changed IS 'edit events: the names of the columns that changed';
 COMMENT ON TABLE crm_bridge.event IS 'Outbox of captured CRM changes not yet dispatched by a daemon';
 ALTER TABLE crm_bridge.event SET (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000);
@@ -202,6 +205,7 @@ CREATE TABLE crm_bridge.delivery (
     trigger_id       bigint REFERENCES crm_bridge.crm_trigger (id) ON DELETE SET NULL,
     url              text,
     record_key       text NOT NULL,
+    row              jsonb,          -- {"new"/"old": row}, only for URLs with include_row
     ordered          boolean NOT NULL DEFAULT false,
     status           text NOT NULL
         CHECK (status IN ('pending', 'in_flight', 'delivered', 'dead', 'unrouted', 'cancelled', 'coalesced')),
@@ -251,6 +255,7 @@ CREATE TABLE crm_bridge.attachment (
     table_name  regclass PRIMARY KEY,
     object      text NOT NULL REFERENCES crm_bridge.object_type (object),
     id_columns  text[] NOT NULL,
+    capture_rows boolean NOT NULL DEFAULT false,
     attached_at timestamptz NOT NULL DEFAULT now()
 );
 
@@ -275,13 +280,19 @@ DECLARE
     id_values text[] := '{}';
     changed   text[];
     i         integer;
+    n_ids     integer := TG_NARGS - 1;
+    rows      jsonb;
 BEGIN
     IF TG_OP = 'DELETE' THEN
         r := to_jsonb(OLD);
     ELSE
         r := to_jsonb(NEW);
     END IF;
-    FOR i IN 1 .. TG_NARGS - 1 LOOP
+    -- A last argument '+rows' (attach(): capture_rows) asks for the row(s) themselves too.
+    IF TG_ARGV[TG_NARGS - 1] = '+rows' THEN
+        n_ids := TG_NARGS - 2;
+    END IF;
+    FOR i IN 1 .. n_ids LOOP
         id_values := id_values || (r ->> TG_ARGV[i]);
     END LOOP;
     IF TG_OP = 'UPDATE' THEN
@@ -289,10 +300,15 @@ BEGIN
         SELECT array_agg(n.key ORDER BY n.key) INTO changed
           FROM jsonb_each(r) n WHERE n.value IS DISTINCT FROM o -> n.key;
     END IF;
-    INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin, changed)
+    IF n_ids < TG_NARGS - 1 THEN
+        rows := jsonb_build_array(CASE TG_OP WHEN 'INSERT' THEN jsonb_build_object('new', r)
+                                             WHEN 'UPDATE' THEN jsonb_build_object('old', o, 'new', r)
+                                             ELSE jsonb_build_object('old', r) END);
+    END IF;
+    INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin, changed, rows)
     VALUES (TG_ARGV[0],
             CASE TG_OP WHEN 'INSERT' THEN 'create' WHEN 'UPDATE' THEN 'edit' ELSE 'delete' END,
-            id_values, session_user, current_setting('crm_bridge.origin', true), changed);
+            id_values, session_user, current_setting('crm_bridge.origin', true), changed, rows);
     IF NOT pg_try_advisory_xact_lock_shared(1668441442, 1)
        AND pg_notification_queue_usage() < 0.5 THEN
         -- Same payload for the whole transaction: PostgreSQL folds duplicates into one.
@@ -311,7 +327,8 @@ CREATE FUNCTION crm_bridge.emit_rows_name_v1(tbl regclass) RETURNS name
 LANGUAGE sql IMMUTABLE
 AS $$ SELECT ('emit_rows_' || tbl::oid::text || '_v1')::name $$;
 
-CREATE FUNCTION crm_bridge.emit_rows_source_v1(tbl regclass, object text, id_columns text[]) RETURNS text
+CREATE FUNCTION crm_bridge.emit_rows_source_v1(tbl regclass, object text, id_columns text[],
+                                               capture_rows boolean DEFAULT false) RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, crm_bridge
 AS $gen$
@@ -341,14 +358,14 @@ BEGIN
            AND a.attname OPERATOR(pg_catalog.=) ANY (%3$L::pg_catalog.name[])
            AND NOT a.attisdropped) OPERATOR(pg_catalog.=) %4$s THEN
         IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
-            INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin)
+            INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin, rows)
             SELECT %7$L, 'create', pg_catalog.array_agg(ARRAY[%5$s]), SESSION_USER,
-                   pg_catalog.current_setting('crm_bridge.origin', true)
+                   pg_catalog.current_setting('crm_bridge.origin', true), %8$s
               FROM new_rows r HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0;
         ELSE
-            INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin)
+            INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin, rows)
             SELECT %7$L, 'delete', pg_catalog.array_agg(ARRAY[%5$s]), SESSION_USER,
-                   pg_catalog.current_setting('crm_bridge.origin', true)
+                   pg_catalog.current_setting('crm_bridge.origin', true), %9$s
               FROM old_rows r HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0;
         END IF;
     ELSE
@@ -374,7 +391,11 @@ BEGIN
     RETURN NULL;
 END
 $body$;
-$src$, crm_bridge.emit_rows_name_v1(tbl), tbl, id_columns, cardinality(id_columns), static_ids, json_ids, object);
+$src$, crm_bridge.emit_rows_name_v1(tbl), tbl, id_columns, cardinality(id_columns), static_ids, json_ids, object,
+    CASE WHEN capture_rows
+         THEN 'pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(''new'', pg_catalog.to_jsonb(r)))' ELSE 'NULL' END,
+    CASE WHEN capture_rows
+         THEN 'pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(''old'', pg_catalog.to_jsonb(r)))' ELSE 'NULL' END);
 END
 $gen$;
 
@@ -408,8 +429,11 @@ DECLARE
     col     text;
     args    text;
     cond    text;
+    rows    boolean;
 BEGIN
     PERFORM crm_bridge.require_trigger_privilege_v1(tbl);
+    -- Re-attaching keeps the table's capture_rows choice (see crm_bridge.capture_rows()).
+    rows := coalesce((SELECT a.capture_rows FROM crm_bridge.attachment a WHERE a.table_name = tbl), false);
     SELECT o.id_params, o.events INTO params, evs FROM crm_bridge.object_type o WHERE o.object = attach.object;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown CRM object "%" (expected one of: %)', object,
@@ -433,13 +457,14 @@ BEGIN
 
     PERFORM crm_bridge.detach(tbl);
 
-    SELECT string_agg(quote_literal(a), ', ') INTO args FROM unnest(ARRAY[object] || id_columns) a;
+    SELECT string_agg(quote_literal(a), ', ') INTO args
+      FROM unnest(ARRAY[object] || id_columns || CASE WHEN rows THEN ARRAY['+rows'] ELSE '{}' END) a;
     -- INSERT and DELETE: statement-level triggers running a function generated for this table,
     -- which reads the ID columns of all affected rows from the transition table in one query
     -- and writes ONE event row per statement (ids is then a 2-D array: one row per record).
     -- A 10,000-row INSERT costs ~6x less than with a row trigger, and a 1-row INSERT no more.
     IF 'create' = ANY (evs) OR 'delete' = ANY (evs) THEN
-        EXECUTE crm_bridge.emit_rows_source_v1(tbl, object, id_columns);
+        EXECUTE crm_bridge.emit_rows_source_v1(tbl, object, id_columns, rows);
         -- Only ever called as a trigger: nobody needs EXECUTE on it.
         EXECUTE format('REVOKE ALL ON FUNCTION crm_bridge.%I() FROM PUBLIC', crm_bridge.emit_rows_name_v1(tbl));
     END IF;
@@ -464,11 +489,33 @@ BEGIN
                            'EXECUTE FUNCTION crm_bridge.emit_v1(%s)', tbl, cond, args);
         END;
     END IF;
-    INSERT INTO crm_bridge.attachment (table_name, object, id_columns) VALUES (tbl, object, id_columns);
+    INSERT INTO crm_bridge.attachment (table_name, object, id_columns, capture_rows)
+    VALUES (tbl, object, id_columns, rows);
 END
 $$;
 COMMENT ON FUNCTION crm_bridge.attach(regclass, text, text[]) IS
     'Capture INSERT/UPDATE/DELETE on a table as events of a CRM object; id_columns in the object''s parameter order';
+
+CREATE FUNCTION crm_bridge.capture_rows(tbl regclass, enabled boolean DEFAULT true) RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, crm_bridge
+AS $$
+DECLARE
+    a crm_bridge.attachment;
+BEGIN
+    PERFORM crm_bridge.require_trigger_privilege_v1(tbl);
+    SELECT * INTO a FROM crm_bridge.attachment WHERE table_name = tbl;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % is not attached: run crm_bridge.attach() first', tbl
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    UPDATE crm_bridge.attachment SET capture_rows = enabled WHERE table_name = tbl;
+    PERFORM crm_bridge.attach(tbl, a.object, a.id_columns);
+END
+$$;
+COMMENT ON FUNCTION crm_bridge.capture_rows(regclass, boolean) IS
+    'Also capture the rows themselves for this table (for URLs with include_row); costs its writers more';
 
 CREATE FUNCTION crm_bridge.detach(tbl regclass) RETURNS boolean
 LANGUAGE plpgsql

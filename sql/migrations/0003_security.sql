@@ -20,7 +20,10 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA crm_bridge FROM PUBLIC;
 ALTER TABLE crm_bridge.crm_trigger
     ADD COLUMN method           text NOT NULL DEFAULT 'GET' CHECK (method IN ('GET', 'POST')),
     ADD COLUMN headers          jsonb,
-    ADD COLUMN follow_redirects boolean;
+    ADD COLUMN follow_redirects boolean,
+    ADD COLUMN include_row      boolean NOT NULL DEFAULT false;
+COMMENT ON COLUMN crm_bridge.crm_trigger.include_row IS
+    'POST only: add the captured row(s) ("new", "old") to the body; the table must capture rows (crm_bridge.capture_rows)';
 COMMENT ON COLUMN crm_bridge.crm_trigger.method IS
     'GET: url?AccountID=... (the seed format).  POST: JSON body {"object","event","ids","occurred_at","event_id"}';
 COMMENT ON COLUMN crm_bridge.crm_trigger.headers IS
@@ -81,6 +84,10 @@ BEGIN
     NEW.method := upper(btrim(coalesce(NEW.method, 'GET')));
     IF NEW.method NOT IN ('GET', 'POST') THEN
         RAISE EXCEPTION 'method "%" is not supported (expected GET or POST)', NEW.method
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.include_row AND NEW.method <> 'POST' THEN
+        RAISE EXCEPTION 'include_row needs method = ''POST'' (a GET call has no body for the row)'
             USING ERRCODE = 'check_violation';
     END IF;
 
@@ -254,6 +261,7 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION crm_bridge.set_signing_secret(bigint, text), '
                    'crm_bridge.clear_signing_secret(bigint), crm_bridge.signed_urls(), '
                    'crm_bridge.attach(regclass, text, text[]), crm_bridge.detach(regclass), '
+                   'crm_bridge.capture_rows(regclass, boolean), '
                    'crm_bridge.emit_v1(), crm_bridge.crm_trigger_validate_v1(), '
                    'crm_bridge.crm_trigger_validate_call_v1() TO %I', admin_role);
 
