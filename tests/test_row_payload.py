@@ -50,7 +50,7 @@ def test_include_row_needs_post(db):
 
 def test_capture_rows_needs_an_attached_table(db):
     db.execute("CREATE TABLE public.loose (a text)")
-    with pytest.raises(psycopg.errors.UndefinedObject, match="table public.loose is not attached"):
+    with pytest.raises(psycopg.errors.UndefinedObject, match=r"table public\.loose is not attached"):
         db.execute("SELECT crm_bridge.capture_rows('public.loose')")
 
 
