@@ -21,7 +21,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .db import applied_versions
-from .http import AddressPolicy, AddressRefused, parse_networks
+from .http import AddressRefused, policy_from
 from .redact import redact_url
 from .settings import Settings
 from .sqlfiles import Q, migrations
@@ -150,7 +150,7 @@ def check_config(conn: psycopg.Connection, settings: Settings, report: Report) -
 
 def check_hosts(urls: list[dict], settings: Settings, report: Report) -> None:
     """Resolve every enabled URL's host once and hold the addresses against the address policy."""
-    policy = AddressPolicy(deny=parse_networks(settings.deny_cidrs), allow=parse_networks(settings.allow_cidrs))
+    policy = policy_from(settings.deny_cidrs, settings.allow_cidrs)  # the daemon's own policy
     by_host: dict[tuple[str, int], list[dict]] = {}
     for u in urls:
         parts = urlsplit(u["url"])
