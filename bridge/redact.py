@@ -6,7 +6,9 @@ import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-SECRET_PARAMS = re.compile(r"(?i)^(.*(token|secret|password|passwd|pwd|signature|sig|apikey|api_key|key|auth).*)$")
+# Parameter/field names that mark a value as secret (one list for every pattern below).
+_SECRET_WORDS = "token|secret|password|passwd|pwd|signature|sig|apikey|api_key|key|auth"
+SECRET_PARAMS = re.compile(rf"(?i)^(.*({_SECRET_WORDS}).*)$")
 MASK = "***"
 
 
@@ -41,7 +43,7 @@ _SIGNING_SECRET = re.compile(r"whsec_[A-Za-z0-9+/=]+")
 _AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{4,}")
 # name=value pairs whose name looks secret (query strings, libpq DSNs: password=...).
 _SECRET_PAIR = re.compile(
-    r"(?i)(?<![\w.-])([\w.-]*(?:token|secret|password|passwd|pwd|signature|sig|apikey|api_key|key|auth)[\w.-]*)"
+    rf"(?i)(?<![\w.-])([\w.-]*(?:{_SECRET_WORDS})[\w.-]*)"
     r"=(?!\*\*\*)([^&\s\"',;]+)")
 # Header-like "Authorization: Bearer abc", "'x-api-key': 'abc'", "Cookie: a=b".
 _SECRET_HEADER = re.compile(
