@@ -46,7 +46,6 @@ class Stats:
     failed_attempts: int = 0
     dead: int = 0
     unrouted: int = 0
-    handed_back: int = 0
     db_errors: int = 0
     reconnects: int = 0
     started: float = field(default_factory=time.monotonic)
