@@ -8,7 +8,7 @@ import random
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -25,6 +25,8 @@ log = logging.getLogger("crm_bridge.deliver")
 # 4xx that are worth retrying: timeout, too early, rate limited.  Every other 4xx is permanent.
 RETRYABLE_4XX = frozenset({408, 425, 429})
 MAX_ERROR_LEN = 500
+# The longest wait before a retry, whatever the configuration says (crm_bridge.max_retry_delay()).
+MAX_RETRY_DELAY = 7 * 86400.0
 
 
 @dataclass(slots=True)
@@ -43,7 +45,7 @@ class Delivery:
     url: str | None
     timeout_ms: int | None
     max_attempts: int | None
-    retry_schedule: list[timedelta] | None
+    retry_schedule: list[float] | None      # seconds, capped by the database (retry_seconds)
     max_in_flight: int | None
     id_params: list[str]
     ordered: bool = False
@@ -93,11 +95,11 @@ class RetryPolicy:
 
     def backoff(self, d: Delivery, attempt: int) -> float:
         """Delay before attempt ``attempt + 1`` after ``attempt`` failures, with jitter."""
-        schedule = [td.total_seconds() for td in d.retry_schedule or ()] or list(self.s.retry_schedule)
+        schedule = list(d.retry_schedule or ()) or list(self.s.retry_schedule)
         base = schedule[min(attempt - 1, len(schedule) - 1)]
         if self.s.retry_jitter:
             base *= random.uniform(1 - self.s.retry_jitter, 1 + self.s.retry_jitter)
-        return base
+        return min(max(base, 0.0), MAX_RETRY_DELAY)
 
     def max_attempts(self, d: Delivery) -> int:
         return d.max_attempts or self.s.max_attempts
@@ -117,7 +119,7 @@ class RetryPolicy:
         delay = self.backoff(d, attempt)
         hinted = _retry_after(retry_after, self.s.retry_after_cap) if status in (429, 503) else None
         if hinted is not None:
-            delay = hinted
+            delay = min(hinted, MAX_RETRY_DELAY)
         return Outcome("pending", http_status=status, error=err, delay=delay, duration_ms=duration_ms)
 
 

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import random
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,25 @@ from .sqlfiles import Q
 log = logging.getLogger("crm_bridge.daemon")
 
 RETENTION_BATCH = 5000
+# One dispatch takes bulk (statement-level) events up to this many stored bytes of IDs, at least
+# one: it stays bounded however large the statement was, and the main loop keeps ticking.
+BULK_BYTES = 64 * 1024
+# Longest back-off after a database error that is not a lost connection (a bug, a DBA's trigger).
+MAX_ERROR_BACKOFF = 30.0
+
+
+def _db_error(exc: BaseException) -> str:
+    """A database error in one line, with its SQLSTATE, for logs and dead-letter reasons."""
+    state = getattr(exc, "sqlstate", None)
+    diag = getattr(exc, "diag", None)
+    text = (diag.message_primary if diag is not None else None) or str(exc)
+    text = " ".join(text.split())[:300] or type(exc).__name__
+    return f"{text} (SQLSTATE {state})" if state else text
+
+
+def _storable(text: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL: the last guard before an error text is written."""
+    return None if text is None else text.replace("\x00", "\\x00")
 
 
 @dataclass
@@ -80,6 +100,9 @@ class Daemon:
                  on_ready: Callable[[], None] | None = None,
                  on_outcome: Callable[[Delivery, Outcome], None] | None = None) -> None:
         self.s = settings
+        # Rows are claimed under a name unique to this start (a restarted container gets the same
+        # host name and pid): heartbeats can then never keep a predecessor's rows alive.
+        self.worker = f"{settings.worker_id}/{secrets.token_hex(4)}"
         self.policy = RetryPolicy(settings)
         self.stats = Stats()
         self._client = client
@@ -90,6 +113,9 @@ class Daemon:
         self._url_held: dict[int, int] = {}
         self._url_limit: dict[int, int] = {}
         self._held = 0
+        self._held_ids: set[int] = set()
+        self._last_recorded = -math.inf   # monotonic times outcomes were last recorded and
+        self._last_dispatched = -math.inf  # events last dispatched (see _recently)
         self._results: list[tuple[Delivery, Outcome]] = []
         self._results_ready = anyio.Event()
         self._flush_lock = anyio.Lock()  # shutdown must not release rows a flush is still recording
@@ -126,6 +152,7 @@ class Daemon:
         )
         try:
             await self._pool.open(wait=True, timeout=30)
+            await self._release_previous()
             await self._connect_listener()
             async with anyio.create_task_group() as side:
                 side.start_soon(self._flusher)
@@ -134,7 +161,7 @@ class Daemon:
                 async with anyio.create_task_group() as deliveries:
                     self.healthy = True
                     self.ready.set()
-                    log.info("ready: listening on channel %s (worker %s)", CHANNEL, s.worker_id)
+                    log.info("ready: listening on channel %s (worker %s)", CHANNEL, self.worker)
                     if self._on_ready:
                         self._on_ready()
                     await self._main_loop(deliveries)
@@ -175,6 +202,14 @@ class Daemon:
                     await self._connect_listener()
                 except psycopg.OperationalError:
                     continue
+            except psycopg.Error as exc:
+                # Not a lost connection: a bug, a DBA's trigger or constraint, odd data.  The daemon
+                # stays up (and keeps delivering what it holds) and tries again, more slowly.
+                self.stats.db_errors += 1
+                error_backoff = min(max(backoff, 1.0) * 2, MAX_ERROR_BACKOFF)
+                log.error("database error in the main loop: %s; retrying in %.0f s", _db_error(exc), error_backoff)
+                await self._sleep_or_stop(error_backoff)
+                backoff = error_backoff
 
     async def _connect_listener(self) -> None:
         await self._listener.connect()
@@ -242,34 +277,78 @@ class Daemon:
                 free.append(max(self._url_limit.get(tid, self.s.max_in_flight_per_url) - held, 0))
         return ids, free
 
+    def _claim_params(self, batch: int) -> dict:
+        busy_ids, busy_free = self._busy_arrays()
+        return {"batch": batch, "lease": timedelta(seconds=self.s.lease), "worker": self.worker,
+                "busy_ids": busy_ids, "busy_free": busy_free, "default_limit": self.s.max_in_flight_per_url,
+                "bulk_bytes": BULK_BYTES, "only": None}
+
+    async def _dispatch(self, conn: psycopg.AsyncConnection, params: dict) -> list[dict]:
+        """Dispatch a batch of events.  When the batch fails as a whole for a reason other than a
+        lost connection, dispatch its events one by one and dead-letter the ones that fail alone:
+        one odd event never stops the outbox for everyone.  When every event fails alone too, the
+        fault is not in the events (see _recently): nothing is dead-lettered and the error is raised."""
+        cur = conn.cursor(row_factory=dict_row)
+        try:
+            await cur.execute(Q.dispatch_events, params)
+            rows = await cur.fetchall()
+            self._last_dispatched = time.monotonic()
+            return rows
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            log.error("dispatching a batch of events failed (%s): isolating them one by one", _db_error(exc))
+        await cur.execute(Q.outbox_head, {"limit": params["batch"]})
+        head = [r["daemon_outbox_head"] for r in await cur.fetchall()]
+        rows: list[dict] = []
+        failed: list[tuple[int, str]] = []
+        for event_id in head:
+            try:
+                await cur.execute(Q.dispatch_events, {**params, "only": [event_id]})
+                got = await cur.fetchall()
+            except psycopg.OperationalError:
+                raise
+            except psycopg.Error as exc:
+                failed.append((event_id, _db_error(exc)))
+                continue
+            self._last_dispatched = time.monotonic()
+            if rows:  # one row of counts per call: add them up on the first row
+                for key in ("n_events", "n_pending", "n_unrouted"):
+                    rows[0][key] += got[0][key]
+                rows += [r for r in got if r["id"] is not None]
+            else:
+                rows = got
+            params = {**params, **dict(zip(("busy_ids", "busy_free"), self._busy_arrays(), strict=True))}
+        if failed and not rows and not self._recently(self._last_dispatched):
+            raise psycopg.DatabaseError(f"no event can be dispatched: {failed[0][1]}")
+        for event_id, reason in failed:
+            log.error("event %d cannot be dispatched, moved to the dead letters: %s", event_id, reason)
+            await cur.execute(Q.quarantine_event, {"event_id": event_id, "error": _storable(reason)})
+        return rows or [{"n_events": 0, "n_pending": 0, "n_unrouted": 0, "id": None}]
+
     async def _drain_once(self, tg: TaskGroup) -> bool:
         """Claim new events, then due retries.  True when anything was claimed."""
         assert self._pool is not None
         room = self._max_held() - self._held
         if room <= 0:
             return True
-        busy_ids, busy_free = self._busy_arrays()
-        params = {"batch": min(self.s.batch_size, room), "lease": timedelta(seconds=self.s.lease),
-                  "worker": self.s.worker_id, "busy_ids": busy_ids, "busy_free": busy_free,
-                  "default_limit": self.s.max_in_flight_per_url}
+        params = self._claim_params(min(self.s.batch_size, room))
         async with self._pool.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(Q.dispatch_events, params)
-            rows = await cur.fetchall()
+            rows = await self._dispatch(conn, params)
             events, pending = rows[0]["n_events"], rows[0]["n_pending"]
             self.stats.unrouted += rows[0]["n_unrouted"]
             rows = [{k: v for k, v in r.items() if not k.startswith("n_")} for r in rows if r["id"] is not None]
             self._spawn(tg, rows)
             due = []
             if pending or time.monotonic() >= self._next_due:
-                busy_ids, busy_free = self._busy_arrays()
-                params.update(busy_ids=busy_ids, busy_free=busy_free,
-                              batch=max(min(self.s.batch_size, self._max_held() - self._held), 0))
+                params = self._claim_params(max(min(self.s.batch_size, self._max_held() - self._held), 0))
                 # Set before the await: a delivery finishing meanwhile may reset it to 0, and
                 # that reset must not be overwritten (a lost wake-up leaves work for the poll).
                 self._next_due = time.monotonic() + self.s.poll_interval
                 if params["batch"]:
-                    await cur.execute(Q.claim_due, params)
+                    cur = conn.cursor(row_factory=dict_row)
+                    await cur.execute(Q.claim_due, {k: v for k, v in params.items()
+                                                    if k not in ("bulk_bytes", "only")})
                     due = await cur.fetchall()
                     self._spawn(tg, due)
                     self._waiting_hint = bool(due or pending)
@@ -286,6 +365,7 @@ class Daemon:
             d = Delivery.from_row(row)
             assert d.trigger_id is not None
             self._held += 1
+            self._held_ids.add(d.id)
             self._url_held[d.trigger_id] = self._url_held.get(d.trigger_id, 0) + 1
             self._url_limit[d.trigger_id] = d.max_in_flight or self.s.max_in_flight_per_url
             tg.start_soon(self._deliver, d)
@@ -309,6 +389,7 @@ class Daemon:
         self._results_ready.set()
         assert d.trigger_id is not None
         self._held -= 1
+        self._held_ids.discard(d.id)
         self._url_held[d.trigger_id] -= 1
         if not self._url_held[d.trigger_id]:
             del self._url_held[d.trigger_id]
@@ -329,10 +410,24 @@ class Daemon:
                 log.warning("could not record outcomes (%s); retrying", str(exc).strip())
                 self._results_ready.set()
                 await anyio.sleep(0.5)
+            except psycopg.Error as exc:
+                log.error("could not record outcomes (%s); retrying in 5 s", _db_error(exc))
+                self._results_ready.set()
+                await anyio.sleep(5)
 
     async def _flush(self) -> None:
         async with self._flush_lock:
             await self._flush_locked()
+
+    @staticmethod
+    def _outcome_params(batch: list[tuple[Delivery, Outcome]]) -> dict:
+        return {"ids": [d.id for d, _ in batch],
+                "statuses": [o.status for _, o in batch],
+                "attempted": [o.attempted for _, o in batch],
+                "http_status": [o.http_status for _, o in batch],
+                "errors": [_storable(o.error) for _, o in batch],
+                "delays": [o.delay for _, o in batch],
+                "durations": [o.duration_ms for _, o in batch]}
 
     async def _flush_locked(self) -> None:
         if not self._results:
@@ -341,16 +436,15 @@ class Daemon:
         batch, self._results = self._results, []
         try:
             async with self._pool.connection() as conn:
-                await conn.execute(Q.complete, {
-                    "ids": [d.id for d, _ in batch],
-                    "statuses": [o.status for _, o in batch],
-                    "attempted": [o.attempted for _, o in batch],
-                    "http_status": [o.http_status for _, o in batch],
-                    "errors": [o.error for _, o in batch],
-                    "delays": [o.delay for _, o in batch],
-                    "durations": [o.duration_ms for _, o in batch],
-                    "worker": self.s.worker_id,
-                })
+                try:
+                    await conn.execute(Q.complete, {**self._outcome_params(batch), "worker": self.worker})
+                    self._last_recorded = time.monotonic()
+                except psycopg.OperationalError:
+                    raise
+                except psycopg.Error as exc:
+                    log.error("recording %d outcomes failed (%s): recording them one by one", len(batch),
+                              _db_error(exc))
+                    await self._record_one_by_one(conn, batch)
         except BaseException:
             self._results = batch + self._results
             raise
@@ -363,29 +457,77 @@ class Daemon:
             self._next_due = min(self._next_due, time.monotonic() + soonest)
             self._wake.set()
 
+    async def _record_one_by_one(self, conn: psycopg.AsyncConnection,
+                                 batch: list[tuple[Delivery, Outcome]]) -> None:
+        """Record a batch that failed as a whole outcome by outcome.  One that cannot be recorded
+        even alone, while others can, makes its delivery a dead letter with the reason.  When none
+        can be recorded the fault is not in the rows (a bug, a broken database): they are kept and
+        the error is raised, so nothing delivered is ever turned into a dead letter wholesale."""
+        failed: list[tuple[Delivery, Outcome, str]] = []
+        for d, o in batch:
+            try:
+                await conn.execute(Q.complete, {**self._outcome_params([(d, o)]), "worker": self.worker})
+            except psycopg.OperationalError:
+                raise
+            except psycopg.Error as exc:
+                failed.append((d, o, f"outcome could not be recorded ({o.status}): {_db_error(exc)}"))
+        if len(failed) == len(batch) and not self._recently(self._last_recorded):
+            raise psycopg.DatabaseError(f"no outcome can be recorded: {failed[0][2]}")
+        if len(failed) < len(batch):
+            self._last_recorded = time.monotonic()
+        for d, _, reason in failed:
+            try:
+                await conn.execute(Q.dead_letter_outcome, {"worker": self.worker, "id": d.id,
+                                                           "error": _storable(reason)})
+                log.error("delivery %d is dead: %s", d.id, reason)
+            except psycopg.OperationalError:
+                raise
+            except psycopg.Error as exc:
+                log.error("delivery %d: %s; dead-lettering it failed too (%s): its lease will expire",
+                          d.id, reason, _db_error(exc))
+
+    @staticmethod
+    def _recently(when: float) -> bool:
+        """Did the same kind of statement succeed within the last minute?  Then a failure that
+        only some rows cause is about those rows, not about the database or the code."""
+        return time.monotonic() - when < 60
+
     async def _release_all(self) -> None:
         assert self._pool is not None
         try:
             async with self._pool.connection() as conn:
-                cur = await conn.execute(Q.release, {"worker": self.s.worker_id})
-                if cur.rowcount:
-                    log.info("released %d unfinished deliveries back to the queue", cur.rowcount)
+                n = await self._scalar(conn, Q.release, {"worker": self.worker})
+                if n:
+                    log.info("released %d unfinished deliveries back to the queue", n)
         except psycopg.Error as exc:
             log.warning("could not release deliveries (%s); their leases will expire", exc)
+
+    async def _release_previous(self) -> None:
+        assert self._pool is not None
+        async with self._pool.connection() as conn:
+            n = await self._scalar(conn, Q.release_previous, {"base": self.s.worker_id, "worker": self.worker})
+        if n:
+            log.warning("released %d deliveries an earlier process named %s still held", n, self.s.worker_id)
+
+    @staticmethod
+    async def _scalar(conn: psycopg.AsyncConnection, query: str, params: dict | None = None) -> int:
+        cur = await conn.execute(query, params)
+        row = await cur.fetchone()
+        return int(row[0] or 0) if row else 0
 
     # -- side tasks -------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
         assert self._pool is not None
         while True:
             await anyio.sleep(self.s.heartbeat_interval)
-            if not self._held:
+            if not self._held_ids:
                 continue
             try:
                 async with self._pool.connection() as conn:
-                    await conn.execute(Q.heartbeat, {"worker": self.s.worker_id,
+                    await conn.execute(Q.heartbeat, {"worker": self.worker, "ids": sorted(self._held_ids),
                                                      "lease": timedelta(seconds=self.s.lease)})
-            except psycopg.OperationalError as exc:
-                log.warning("heartbeat failed (%s)", str(exc).strip())
+            except psycopg.Error as exc:
+                log.warning("heartbeat failed (%s)", _db_error(exc))
 
     async def _maintenance(self) -> None:
         assert self._pool is not None
@@ -394,26 +536,25 @@ class Daemon:
             await anyio.sleep(max(self.s.lease / 2, 0.2) * random.uniform(0.8, 1.2))
             try:
                 async with self._pool.connection() as conn:
-                    cur = await conn.execute(Q.recover_expired)
-                    if cur.rowcount:
-                        log.warning("recovered %d deliveries whose daemon stopped heart-beating",
-                                    cur.rowcount)
+                    recovered = await self._scalar(conn, Q.recover_expired)
+                    if recovered:
+                        log.warning("recovered %d deliveries whose daemon stopped heart-beating", recovered)
                         self._next_due = 0.0
                         self._wake.set()
                     await conn.execute(Q.cancel_orphans)
                     if time.monotonic() - last_retention > self.s.retention_interval:
                         last_retention = time.monotonic()
                         await self._retention(conn)
-            except psycopg.OperationalError as exc:
-                log.warning("maintenance failed (%s)", str(exc).strip())
+            except psycopg.Error as exc:
+                log.warning("maintenance failed (%s)", _db_error(exc))
 
     async def _retention(self, conn: psycopg.AsyncConnection) -> None:
         retention = timedelta(days=self.s.retention_days)
         deleted = 0
         while True:
-            cur = await conn.execute(Q.retention_delete, {"retention": retention, "batch": RETENTION_BATCH})
-            deleted += cur.rowcount
-            if cur.rowcount < RETENTION_BATCH:
+            n = await self._scalar(conn, Q.retention_delete, {"retention": retention, "batch": RETENTION_BATCH})
+            deleted += n
+            if n < RETENTION_BATCH:
                 break
             await anyio.sleep(0.05)  # let writers and deliveries breathe between batches
         if deleted:

@@ -2,198 +2,62 @@
 -- one-line description; bridge/sqlfiles.py splits the file at those headers.
 -- Parameters use psycopg's %(name)s style.
 
+-- The daemon's writes are functions of migration 0007 (crm_bridge.daemon_*): the daemon role may
+-- EXECUTE them and has no INSERT/UPDATE/DELETE on any table.
+
 -- name: dispatch_events
--- Move up to %(batch)s outbox events into one delivery per interested URL and claim the sendable
--- ones for this worker.  Returns every delivery created (unrouted ones have no url).
-WITH ev AS (
-    DELETE FROM crm_bridge.event
-     WHERE id = ANY (ARRAY(SELECT e.id FROM crm_bridge.event e
-                            ORDER BY e.id LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
-    RETURNING id, object, event, ids, created_at, origin_role, origin, changed, rows
-), rec AS (
-    -- Statement-level captures hold several records: ids is then 2-D, one row per record.
-    SELECT ev.id, ev.object, ev.event, ev.created_at, ev.origin_role, ev.origin, ev.changed, k AS rec_no,
-           CASE WHEN array_ndims(ev.ids) = 2 THEN ARRAY(SELECT unnest(ev.ids[k:k])) ELSE ev.ids END AS ids,
-           ev.rows -> (k - 1) AS row_data
-      FROM ev, generate_series(1, CASE WHEN array_ndims(ev.ids) = 2 THEN array_length(ev.ids, 1) ELSE 1 END) AS k
-), routed AS (
-    SELECT ev.*, ev.ids::text AS record_key, t.id AS trigger_id, t.url, t.paused, t.ordered, t.coalesce_edits,
-           t.include_row,
-           row_number() OVER (PARTITION BY t.id ORDER BY ev.id, ev.rec_no) AS n_url,
-           row_number() OVER (PARTITION BY t.id, ev.ids::text ORDER BY ev.id, ev.rec_no) AS n_record,
-           row_number() OVER (PARTITION BY t.id, ev.ids::text, ev.event ORDER BY ev.id, ev.rec_no) AS n_record_event,
-           coalesce(f.free, t.max_in_flight, %(default_limit)s) AS free
-      FROM rec ev
-      LEFT JOIN crm_bridge.crm_trigger t
-             ON t.object = ev.object AND t.event = ev.event AND t.enabled
-            -- echo suppression and column filters
-            AND (ev.origin_role IS NULL OR t.exclude_roles IS NULL OR NOT ev.origin_role = ANY (t.exclude_roles))
-            AND (ev.origin IS NULL OR t.exclude_origins IS NULL OR NOT ev.origin = ANY (t.exclude_origins))
-            AND (t.only_columns IS NULL OR ev.changed IS NULL OR ev.changed && t.only_columns)
-      LEFT JOIN unnest(%(busy_ids)s::bigint[], %(busy_free)s::int[]) AS f(trigger_id, free)
-             ON f.trigger_id = t.id
-), decided AS (
-    SELECT r.*,
-           CASE WHEN r.trigger_id IS NULL THEN 'unrouted'
-                -- An edit whose record already has an unsent edit call (queued, or earlier in
-                -- this batch) needs no call of its own: the receiver reads the current record.
-                WHEN r.coalesce_edits AND r.event = 'edit'
-                     AND (r.n_record_event > 1
-                          OR EXISTS (SELECT 1 FROM crm_bridge.delivery y
-                                      WHERE y.trigger_id = r.trigger_id AND y.record_key = r.record_key
-                                        AND y.status = 'pending' AND y.event = 'edit')) THEN 'coalesced'
-                WHEN r.paused OR r.n_url > r.free THEN 'pending'
-                -- Ordered URLs: one call per record at a time, in commit (= event id) order.
-                -- An earlier event of the record still in the outbox is being dispatched by
-                -- another daemon right now: wait for it too.
-                WHEN r.ordered
-                     AND (r.n_record > 1
-                          OR EXISTS (SELECT 1 FROM crm_bridge.delivery y
-                                      WHERE y.ordered AND y.trigger_id = r.trigger_id
-                                        AND y.record_key = r.record_key
-                                        AND y.status IN ('pending', 'in_flight'))
-                          OR EXISTS (SELECT 1 FROM crm_bridge.event e2
-                                      WHERE e2.id < r.id AND e2.object = r.object
-                                        AND (e2.ids = r.ids OR array_ndims(e2.ids) = 2))) THEN 'pending'
-                ELSE 'in_flight' END AS status
-      FROM routed r
-), ins AS (
-    INSERT INTO crm_bridge.delivery (event_id, object, event, ids, event_created_at, trigger_id, url,
-                                     record_key, ordered, status, next_attempt_at, lease_until, worker,
-                                     finished_at, last_error, row)
-    SELECT d.id, d.object, d.event, d.ids, d.created_at, d.trigger_id, d.url, d.record_key,
-           coalesce(d.ordered, false), d.status,
-           CASE WHEN d.status IN ('pending', 'in_flight') THEN now() END,
-           CASE WHEN d.status = 'in_flight' THEN now() + %(lease)s::interval END,
-           CASE WHEN d.status = 'in_flight' THEN %(worker)s END,
-           CASE WHEN d.status IN ('unrouted', 'coalesced') THEN now() END,
-           CASE WHEN d.status = 'coalesced' THEN 'folded into an earlier unsent edit call for this record' END,
-           CASE WHEN d.include_row THEN d.row_data END
-      FROM decided d
-     ORDER BY d.id, d.rec_no, d.trigger_id
-    RETURNING id, event_id, object, event, ids, event_created_at, trigger_id, status, attempts, ordered, row
-)
--- Only the claimed deliveries come back (a bulk event may create 100,000 pending ones), plus the
--- counts on every row; a single row of counts with NULL deliveries when nothing was claimed.
-, counts AS (
-    SELECT count(DISTINCT event_id) AS n_events,
-           count(*) FILTER (WHERE status = 'pending') AS n_pending,
-           count(*) FILTER (WHERE status = 'unrouted') AS n_unrouted
-      FROM ins
-)
-SELECT c.n_events, c.n_pending, c.n_unrouted, x.*
-  FROM counts c
-  LEFT JOIN (
-      SELECT ins.id, ins.event_id, ins.object, ins.event, ins.ids, ins.event_created_at, ins.status,
-             ins.attempts, t.id AS trigger_id, t.url, t.timeout_ms, t.max_attempts, t.retry_schedule,
-             t.max_in_flight, o.id_params, ins.ordered,
-             t.method, t.headers, t.follow_redirects,
-             (SELECT s.secret FROM crm_bridge.signing_secret s WHERE s.trigger_id = t.id) AS signing_secret,
-             ins.row
-        FROM ins
-        JOIN crm_bridge.crm_trigger t ON t.id = ins.trigger_id
-        JOIN crm_bridge.object_type o ON o.object = ins.object
-       WHERE ins.status = 'in_flight'
-  ) x ON true
- ORDER BY x.id;
+-- Move outbox events (up to %(batch)s; bulk ones up to %(bulk_bytes)s stored bytes) into one delivery
+-- per interested URL and claim the sendable ones for this worker.  %(only)s: exactly these events.
+SELECT * FROM crm_bridge.daemon_dispatch(%(batch)s, %(bulk_bytes)s, %(lease)s, %(worker)s, %(busy_ids)s,
+                                         %(busy_free)s, %(default_limit)s, %(only)s);
+
+-- name: outbox_head
+-- The next %(limit)s outbox event ids (to dispatch one by one after a batch failed as a whole).
+SELECT * FROM crm_bridge.daemon_outbox_head(%(limit)s);
+
+-- name: quarantine_event
+-- An event that cannot be dispatched even alone becomes a dead letter with the reason.
+SELECT crm_bridge.daemon_quarantine_event(%(event_id)s, %(error)s);
 
 -- name: claim_due
 -- Claim pending deliveries whose next attempt is due: per enabled, unpaused URL at most its free
 -- slots in this worker (busy_ids/busy_free; others get max_in_flight), %(batch)s in all.
-UPDATE crm_bridge.delivery d
-   SET status = 'in_flight', lease_until = now() + %(lease)s::interval, worker = %(worker)s,
-       updated_at = now()
-  FROM crm_bridge.crm_trigger t, crm_bridge.object_type o
- WHERE d.id = ANY (ARRAY(
-           SELECT p.id
-             FROM crm_bridge.crm_trigger pt
-             LEFT JOIN unnest(%(busy_ids)s::bigint[], %(busy_free)s::int[]) AS f(trigger_id, free)
-                    ON f.trigger_id = pt.id
-            CROSS JOIN LATERAL (
-                  SELECT x.id FROM crm_bridge.delivery x
-                   WHERE x.trigger_id = pt.id AND x.status = 'pending' AND x.next_attempt_at <= now()
-                     AND (NOT x.ordered OR (
-                          NOT EXISTS (SELECT 1 FROM crm_bridge.delivery y
-                                       WHERE y.ordered AND y.trigger_id = x.trigger_id AND y.record_key = x.record_key
-                                         AND y.status IN ('pending', 'in_flight') AND y.event_id < x.event_id)
-                          AND NOT EXISTS (SELECT 1 FROM crm_bridge.event e2
-                                           WHERE e2.id < x.event_id AND e2.object = x.object
-                                             AND (e2.ids = x.ids OR array_ndims(e2.ids) = 2))))
-                   ORDER BY x.next_attempt_at, x.id
-                   LIMIT least(coalesce(f.free, pt.max_in_flight, %(default_limit)s), %(batch)s)
-                     FOR UPDATE SKIP LOCKED) p
-            WHERE pt.enabled AND NOT pt.paused
-            LIMIT %(batch)s))
-   AND t.id = d.trigger_id AND o.object = d.object
-RETURNING d.id, d.event_id, d.object, d.event, d.ids, d.event_created_at, d.status, d.attempts,
-          t.id AS trigger_id, t.url, t.timeout_ms, t.max_attempts, t.retry_schedule,
-          t.max_in_flight, o.id_params, d.ordered,
-          t.method, t.headers, t.follow_redirects,
-          (SELECT s.secret FROM crm_bridge.signing_secret s WHERE s.trigger_id = t.id) AS signing_secret,
-          d.row;
+SELECT * FROM crm_bridge.daemon_claim_due(%(batch)s, %(lease)s, %(worker)s, %(busy_ids)s, %(busy_free)s,
+                                          %(default_limit)s);
 
 -- name: complete
 -- Record the outcome of finished attempts in one statement; failed attempts also get a row in
 -- crm_bridge.attempt.  Rows whose lease this worker lost are left alone.
-WITH r AS (
-    SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(attempted)s::int[],
-                         %(http_status)s::int[], %(errors)s::text[], %(delays)s::float8[],
-                         %(durations)s::int[])
-               AS r(id, status, attempted, http_status, error, delay, duration_ms)
-), upd AS (
-    UPDATE crm_bridge.delivery d
-       SET status = r.status,
-           attempts = d.attempts + r.attempted,
-           last_status = CASE WHEN r.attempted > 0 THEN r.http_status ELSE d.last_status END,
-           last_error = CASE WHEN r.attempted > 0 THEN r.error ELSE d.last_error END,
-           next_attempt_at = CASE WHEN r.status = 'pending'
-                                  THEN now() + r.delay * interval '1 second' END,
-           lease_until = NULL, updated_at = now(),
-           finished_at = CASE WHEN r.status IN ('delivered', 'dead') THEN now() END
-      FROM r
-     WHERE d.id = r.id AND d.status = 'in_flight' AND d.worker = %(worker)s
-    RETURNING d.id, d.attempts
-)
-INSERT INTO crm_bridge.attempt (delivery_id, attempt, duration_ms, status, error, worker)
-SELECT upd.id, upd.attempts, r.duration_ms, r.http_status, r.error, %(worker)s
-  FROM upd JOIN r ON r.id = upd.id
- WHERE r.attempted > 0 AND r.status <> 'delivered';
+SELECT crm_bridge.daemon_complete(%(worker)s, %(ids)s, %(statuses)s, %(attempted)s, %(http_status)s,
+                                  %(errors)s, %(delays)s, %(durations)s);
+
+-- name: dead_letter_outcome
+-- An outcome that cannot be recorded even alone: the delivery becomes a dead letter with the reason.
+SELECT crm_bridge.daemon_dead_letter(%(worker)s, %(id)s, %(error)s);
 
 -- name: heartbeat
--- Extend the leases of everything this worker holds.
-UPDATE crm_bridge.delivery
-   SET lease_until = now() + %(lease)s::interval
- WHERE status = 'in_flight' AND worker = %(worker)s;
+-- Extend the leases of exactly the deliveries this process holds.
+SELECT crm_bridge.daemon_heartbeat(%(worker)s, %(ids)s, %(lease)s);
+
+-- name: release_previous
+-- At start-up: give back what an earlier process of the same worker name still holds.
+SELECT crm_bridge.daemon_release_previous(%(base)s, %(worker)s);
 
 -- name: recover_expired
 -- Put deliveries whose worker stopped heart-beating back in the queue.
-UPDATE crm_bridge.delivery d
-   SET status = 'pending', next_attempt_at = now(), lease_until = NULL, worker = NULL, updated_at = now()
- WHERE d.id = ANY (ARRAY(SELECT x.id FROM crm_bridge.delivery x
-                          WHERE x.status = 'in_flight' AND x.lease_until < now()
-                          LIMIT 10000 FOR UPDATE SKIP LOCKED))
-RETURNING d.id;
+SELECT crm_bridge.daemon_recover_expired();
 
 -- name: cancel_orphans
 -- Deliveries whose crm_trigger row was deleted are cancelled rather than retried.
-UPDATE crm_bridge.delivery
-   SET status = 'cancelled', finished_at = now(), updated_at = now(), next_attempt_at = NULL
- WHERE status = 'pending' AND trigger_id IS NULL;
+SELECT crm_bridge.daemon_cancel_orphans();
 
 -- name: release
 -- Give deliveries back to the queue without counting an attempt (shutdown).
-UPDATE crm_bridge.delivery
-   SET status = 'pending', next_attempt_at = now(), lease_until = NULL, worker = NULL, updated_at = now()
- WHERE status = 'in_flight' AND worker = %(worker)s;
+SELECT crm_bridge.daemon_release(%(worker)s);
 
 -- name: retention_delete
 -- Delete up to %(batch)s finished deliveries (and their attempts) older than the retention period.
-DELETE FROM crm_bridge.delivery
- WHERE id = ANY (ARRAY(SELECT id FROM crm_bridge.delivery
-                        WHERE status IN ('delivered', 'unrouted', 'cancelled', 'coalesced')
-                          AND finished_at < now() - %(retention)s::interval
-                        ORDER BY finished_at
-                        LIMIT %(batch)s));
+SELECT crm_bridge.daemon_retention(%(retention)s, %(batch)s);
 
 -- name: idle_lock
 -- Taken by a daemon that has drained the outbox and waits: writers that see it NOTIFY.
