@@ -190,3 +190,12 @@ def test_uncaught_exceptions_are_scrubbed_before_they_are_printed(tmp_path):
     assert "RuntimeError: main https://hooks.slack.com/services/***" in err, err
     assert "RuntimeError: thread https://hooks.slack.com/services/***" in err, err
     assert TOK not in err and "S3cret" not in err and "\x1b" not in err, err
+
+
+def test_the_daemon_log_never_echoes_password_fragments_of_a_bad_connection_string(daemon_factory):
+    bad = "host=127.0.0.1 port=1 user=bob password=S3cret-Pw S3cret-Tail"
+    d = daemon_factory(target_dsn=bad, start=False).start(wait_ready=False)
+    d.wait_log("connection info string")     # psycopg's pool logs each failed attempt
+    d.kill()
+    assert 'missing "=" after "***" in connection info string' in d.log
+    assert "S3cret" not in d.log
