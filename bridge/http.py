@@ -20,13 +20,14 @@ docs/DESIGN: 730 -> 200 req/s from 1 to 32 concurrent requests), so the shared
 from __future__ import annotations
 
 import dataclasses
+import http.cookiejar
 import ipaddress
 import os
 import socket
 import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import httpx
@@ -221,12 +222,24 @@ class BridgeTransport(httpx.AsyncBaseTransport):
                 self._sessions[i] = None
 
 
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    """Receivers' cookies are neither kept nor sent: the client is shared by every URL, and one
+    receiver's Set-Cookie must not travel to another URL of the same domain."""
+
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+
 def make_client(*, policy: AddressPolicy | None = None, verify: ssl.SSLContext | str | bool = True,
                 timeout: float = 15.0, max_connections: int = 256) -> httpx.AsyncClient:
     """The daemon's single shared client.  Every request also carries its own per-URL timeout."""
     transport = BridgeTransport(policy=policy or AddressPolicy(), verify=verify,
                                 max_connections=max_connections)
     return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(timeout),
+                             cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
                              follow_redirects=False, max_redirects=MAX_REDIRECTS,
                              headers={"User-Agent": "crm-bridge/0.1"})
 

@@ -270,3 +270,20 @@ def test_redirect_into_a_range_the_operator_allowed_for_redirects_is_followed(
     new_customer(db)
     db.wait_until("SELECT status FROM crm_bridge.delivery WHERE trigger_id = %s", [tid], expect="delivered")
     assert inner.accepted == 1
+
+
+def test_cookies_set_by_a_receiver_are_never_sent_to_any_url(receiver):
+    """The client is shared by every URL: one receiver's Set-Cookie must not travel to another URL."""
+    import anyio
+
+    from bridge.http import make_client
+
+    receiver.answer("/a", Rule(headers={"Set-Cookie": "session=abc; Path=/"}))
+
+    async def calls() -> None:
+        async with make_client(policy=policy_from((), ())) as client:
+            for path in ("/a", "/b", "/a"):
+                await client.send(client.build_request("GET", receiver.url(path)))
+
+    anyio.run(calls)
+    assert [c.headers.get("Cookie") for c in receiver.received()] == [None, None, None]
