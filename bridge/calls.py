@@ -24,7 +24,7 @@ from datetime import UTC
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from .redact import SECRET_PARAMS
+from .redact import SECRET_PARAMS, path_secrets
 from .urls import MissingId, call_url, query_string
 
 if TYPE_CHECKING:
@@ -90,8 +90,9 @@ def static_headers(raw: object, trigger_id: int | None) -> list[tuple[str, str]]
 
 
 def url_secrets(url: str) -> list[str]:
-    """Credentials a URL carries: the userinfo password (or a token used as user name) and the
-    values of secret-looking query parameters, raw and percent-decoded."""
+    """Credentials a URL carries: the userinfo password (or a token used as user name), the
+    values of secret-looking query parameters and the token-looking path segments that
+    redact_url masks (a receiver may quote the path alone), raw and percent-decoded."""
     found: list[str] = []
     try:
         parts = urlsplit(url)
@@ -105,6 +106,7 @@ def url_secrets(url: str) -> list[str]:
         name, eq, value = pair.partition("=")
         if eq and SECRET_PARAMS.match(name):
             found.append(value)
+    found += path_secrets(url)
     return [s for v in found for s in {v, unquote(v)} if len(s) >= MIN_SECRET_LEN]
 
 

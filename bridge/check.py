@@ -21,8 +21,8 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .db import applied_versions
-from .http import AddressRefused, policy_from
-from .redact import redact_url
+from .http import AddressRefused, settings_policy
+from .redact import redact_url, safe_text
 from .settings import Settings
 from .sqlfiles import Q, migrations
 
@@ -40,7 +40,8 @@ class Report:
 
     def add(self, level: str, text: str) -> None:
         self.counts[level] += 1
-        self.out(f"{level:<5}  {text}")
+        # Texts hold values from the database (URLs, table names): no control characters on the terminal.
+        self.out(f"{level:<5}  {safe_text(text, 4000)}")
 
     @property
     def problems(self) -> int:
@@ -150,7 +151,7 @@ def check_config(conn: psycopg.Connection, settings: Settings, report: Report) -
 
 def check_hosts(urls: list[dict], settings: Settings, report: Report) -> None:
     """Resolve every enabled URL's host once and hold the addresses against the address policy."""
-    policy = policy_from(settings.deny_cidrs, settings.allow_cidrs)  # the daemon's own policy
+    policy = settings_policy(settings)  # the daemon's own policy
     by_host: dict[tuple[str, int], list[dict]] = {}
     for u in urls:
         parts = urlsplit(u["url"])

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import anyio
 import psycopg
 
-from .settings import Settings, SettingsError
+from .settings import Settings, SettingsError, db_error_text
 
 log = logging.getLogger("crm_bridge")
 
@@ -190,13 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except SettingsError as exc:
-        print(f"crm-bridge: invalid settings: {exc}", file=sys.stderr)
+        print(f"crm-bridge: invalid settings: {db_error_text(exc)}", file=sys.stderr)
         return 2
     except psycopg.OperationalError as exc:
-        print(f"crm-bridge: cannot connect to PostgreSQL: {str(exc).strip()}", file=sys.stderr)
+        print(f"crm-bridge: cannot connect to PostgreSQL: {db_error_text(exc)}", file=sys.stderr)
         return 3
     except psycopg.Error as exc:
-        print(f"crm-bridge: database error: {str(exc).strip()}", file=sys.stderr)
+        print(f"crm-bridge: database error: {db_error_text(exc)}", file=sys.stderr)
         return 4
 
 

@@ -15,8 +15,8 @@ import anyio
 import httpx
 
 from .calls import Call, CallConfigError, build_call, call_secrets
-from .http import MAX_REDIRECTS, AddressRefused
-from .redact import redact_url, scrub
+from .http import MAX_REDIRECTS, REDIRECT_HOP, AddressRefused
+from .redact import redact_url, safe_text, scrub
 from .settings import Settings
 from .urls import MissingId
 
@@ -27,6 +27,10 @@ RETRYABLE_4XX = frozenset({408, 425, 429})
 MAX_ERROR_LEN = 500
 # The longest wait before a retry, whatever the configuration says (crm_bridge.max_retry_delay()).
 MAX_RETRY_DELAY = 7 * 86400.0
+# Never forwarded to another origin: they would let that origin replay a signed call to the real
+# receiver.  webhook-id / Idempotency-Key (the event id) stay: they authenticate nothing and let
+# the new origin drop duplicates.
+SIGNING_HEADERS = ("webhook-signature", "webhook-timestamp")
 
 
 @dataclass(slots=True)
@@ -123,21 +127,29 @@ class RetryPolicy:
         return Outcome("pending", http_status=status, error=err, delay=delay, duration_ms=duration_ms)
 
 
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port
+
+
 async def _send(client: httpx.AsyncClient, request: httpx.Request, call: Call,
                 follow: bool) -> tuple[httpx.Response, str | None]:
     """Send, following up to MAX_REDIRECTS redirects when the URL opted in.  Every hop passes the
-    transport's address policy; configured headers are not forwarded to another origin (they may
-    be credentials) and an https URL is never redirected to plain http."""
+    transport's address policy, and a hop to another origin than the configured URL's is marked
+    REDIRECT_HOP, so that it may only reach public addresses (unless redirect_allow_cidrs lists
+    the range).  Configured headers, Authorization and the signature are not forwarded to another
+    origin (they may be credentials), and an https URL is never redirected to plain http."""
+    configured = _origin(request.url)
     resp = await client.send(request, follow_redirects=False)
     hops = 0
     while follow and resp.next_request is not None and hops < MAX_REDIRECTS:
         nxt = resp.next_request
         if request.url.scheme == "https" and nxt.url.scheme != "https":
             return resp, f"HTTP {resp.status_code} redirect from https to {redact_url(str(nxt.url))} refused"
-        if (nxt.url.scheme, nxt.url.host, nxt.url.port) != (request.url.scheme, request.url.host, request.url.port):
-            for name in call.static_header_names:
+        if _origin(nxt.url) != _origin(request.url):
+            for name in (*call.static_header_names, "Authorization", *SIGNING_HEADERS):
                 nxt.headers.pop(name, None)
-            nxt.headers.pop("Authorization", None)
+        # httpx copies the previous request's extensions: set the mark for this hop afresh.
+        nxt.extensions = {**nxt.extensions, REDIRECT_HOP: _origin(nxt.url) != configured}
         await resp.aclose()
         request, hops = nxt, hops + 1
         resp = await client.send(request, follow_redirects=False)
@@ -148,8 +160,18 @@ async def attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, s
     """Make one call and judge it.  Never raises (except cancellation).
 
     Error texts are scrubbed of every configured secret (URL credentials, header values, the
-    signing secret) before they reach the delivery row, the attempt history or a log line.
+    signing secret, token-looking path segments) before they reach the delivery row, the attempt
+    history or a log line, and made storable and printable: whatever a receiver put in its body,
+    headers or reason phrase (NUL, escape sequences, a megabyte) ends up as at most
+    MAX_ERROR_LEN characters with control characters escaped (redact.safe_text).
     """
+    outcome = await _attempt(client, policy, d, settings)
+    if outcome.error is not None:
+        outcome.error = safe_text(outcome.error, MAX_ERROR_LEN)
+    return outcome
+
+
+async def _attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, settings: Settings) -> Outcome:
     assert d.url is not None
     secrets = call_secrets(d)
     try:
@@ -158,7 +180,7 @@ async def attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, s
         return Outcome("dead", error=scrub(str(exc), secrets))
     except Exception as exc:  # an odd URL or a bug: one dead delivery, never a dead daemon
         return Outcome("dead", error=scrub(f"cannot build the request for {redact_url(d.url)}: "
-                                           f"{type(exc).__name__}: {exc}", secrets)[:MAX_ERROR_LEN])
+                                           f"{type(exc).__name__}: {exc}", secrets))
     timeout = d.timeout_ms / 1000.0 if d.timeout_ms else settings.timeout
     follow = settings.follow_redirects if d.follow_redirects is None else d.follow_redirects
     started = time.monotonic()
@@ -170,7 +192,7 @@ async def attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, s
         request = client.build_request(call.method, call.url, headers=call.headers,
                                        content=call.body or None, timeout=timeout)
     except (httpx.InvalidURL, ValueError) as exc:  # e.g. malformed punycode (idna.IDNAError)
-        return Outcome("dead", error=scrub(f"invalid URL {redact_url(call.url)}: {exc}", secrets)[:MAX_ERROR_LEN])
+        return Outcome("dead", error=scrub(f"invalid URL {redact_url(call.url)}: {exc}", secrets))
     try:
         with anyio.fail_after(timeout):
             resp, refusal = await _send(client, request, call, follow)
@@ -183,7 +205,8 @@ async def attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, s
                 "not followed: follow_redirects is off for this URL"
             error = f"HTTP {status} redirect to {redact_url(resp.headers['location'])} ({hint})"
         elif status >= 300:
-            snippet = resp.content[:200].decode("utf-8", "replace").strip()
+            # Scrubbed before it is cut, so that a cut never leaves half a secret behind.
+            snippet = safe_text(scrub(resp.content.decode("utf-8", "replace").strip(), secrets), 300)
             error = f"HTTP {status}" + (f": {snippet}" if snippet else "")
     except TimeoutError:
         error = f"timed out after {timeout:g} s"
@@ -195,11 +218,12 @@ async def attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, s
     except Exception as exc:  # a bug or an odd URL must not kill the daemon
         error = f"{type(exc).__name__}: {exc}"
         log.error("unexpected error calling %s: %s", redact_url(call.url),
-                  scrub("".join(traceback.format_exception(exc)), secrets))
+                  safe_text(scrub("".join(traceback.format_exception(exc)), secrets), 4000))
     duration_ms = int((time.monotonic() - started) * 1000)
     if error:
         error = scrub(error.replace(call.url, redact_url(call.url)).replace(d.url, redact_url(d.url)), secrets)
+        error = safe_text(error, 2 * MAX_ERROR_LEN)  # judge() adds a prefix; attempt() bounds the result
     if refused:
         # The policy will refuse the next attempt too: a dead letter now, not seven more tries.
-        return Outcome("dead", error=f"permanent failure: {error}"[:MAX_ERROR_LEN], duration_ms=duration_ms)
+        return Outcome("dead", error=f"permanent failure: {error}", duration_ms=duration_ms)
     return policy.judge(d, status=status, error=error, retry_after=retry_after, duration_ms=duration_ms)

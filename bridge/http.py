@@ -6,21 +6,28 @@ docs/DESIGN: 730 -> 200 req/s from 1 to 32 concurrent requests), so the shared
 
 * sends the request target byte-exact (aiohttp would otherwise re-quote the query string),
 * checks every destination address against an allow/deny policy *after* DNS resolution and
-  *before* connecting (IP literals are checked before the request starts),
+  *before* connecting (IP literals are checked before the request starts); the unspecified
+  addresses (0.0.0.0/8, ::) are refused whatever the lists say,
 * never follows redirects itself (httpx decides, per request: off unless the URL opts in; every
-  hop goes through this transport, so the address policy applies to redirect targets too),
+  hop goes through this transport, so the address policy applies to redirect targets too); a hop
+  to another origin than the configured URL's (``REDIRECT_HOP`` in the request's extensions) is
+  made on a separate connection pool whose policy also refuses non-public addresses unless they
+  are listed in ``redirect_allow_cidrs`` -- the configured URL is the operator's choice, a
+  redirect target is the receiver's,
 * verifies TLS certificates and host names (certifi's CAs plus an optional CA bundle).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import http.cookiejar
 import ipaddress
 import os
 import socket
 import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import httpx
@@ -35,6 +42,21 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Link-local (incl. the cloud metadata service at 169.254.169.254) and AWS's IPv6 metadata address.
 DEFAULT_DENY = ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128")
+# Never a destination, whatever the lists say: connecting to 0.0.0.0 or :: reaches this very host
+# (Linux), and the rest of 0.0.0.0/8 means "this network" (RFC 1122).  Spellings such as `0x0`,
+# `[0:0::0]` or `[::ffff:0.0.0.0]` resolve or map to these and are caught the same way.
+UNSPECIFIED = ("0.0.0.0/8", "::/128")
+# Not public (RFC 6890 special-purpose ranges that are not globally reachable, plus multicast):
+# a redirect to another origin may not lead here unless redirect_allow_cidrs lists the range.
+NON_PUBLIC = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
+    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    "::/96", "::1/128", "64:ff9b:1::/48", "100::/64", "2001:db8::/32", "fc00::/7", "fe80::/10",
+    "fec0::/10", "ff00::/8",
+)
+# httpx request extension set on a redirect hop to another origin than the configured URL's.
+REDIRECT_HOP = "crm_bridge_redirect_hop"
 MAX_ERROR_BODY = 512
 MAX_REDIRECTS = 5
 
@@ -43,22 +65,45 @@ class AddressRefused(httpx.ConnectError):
     """The destination address is not allowed by the address policy (nothing was sent)."""
 
 
+class NotPublic(AddressRefused):
+    """A redirect to another origin leads to a non-public address the operator did not allow."""
+
+
+def _member(ip: IPAddress, nets: Iterable[IPNetwork]) -> IPNetwork | None:
+    return next((n for n in nets if ip.version == n.version and ip in n), None)
+
+
 @dataclass(frozen=True)
 class AddressPolicy:
-    """Deny wins over allow; an empty allow list allows everything not denied."""
+    """Unspecified addresses are always refused; then deny wins over allow, and an empty allow list
+    allows everything not denied.  ``public_only`` (the policy for redirect hops to another origin,
+    see :attr:`for_redirects`) also refuses NON_PUBLIC addresses not listed in ``redirect_allow``."""
 
     deny: tuple[IPNetwork, ...] = field(default_factory=lambda: parse_networks(DEFAULT_DENY))
     allow: tuple[IPNetwork, ...] = ()
+    redirect_allow: tuple[IPNetwork, ...] = ()
+    public_only: bool = False
 
     def check(self, host: str, address: str) -> None:
         ip: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
-        for net in self.deny:
-            if ip.version == net.version and ip in net:
-                raise AddressRefused(f"address {ip} of {host} is denied by the address policy ({net})")
-        if self.allow and not any(ip.version == n.version and ip in n for n in self.allow):
+        if net := _member(ip, _UNSPECIFIED):
+            raise AddressRefused(f"address {ip} of {host} is never a valid destination ({net}: the unspecified "
+                                 "address, connecting to it reaches the local host)")
+        if net := _member(ip, self.deny):
+            raise AddressRefused(f"address {ip} of {host} is denied by the address policy ({net})")
+        if self.allow and not _member(ip, self.allow):
             raise AddressRefused(f"address {ip} of {host} is not in the address policy's allow list")
+        if self.public_only and (net := _member(ip, _NON_PUBLIC)) and not _member(ip, self.redirect_allow):
+            raise NotPublic(f"address {ip} of {host} is not a public address ({net}): a redirect to another "
+                            "origin may only lead to public addresses unless the range is listed in the "
+                            "redirect_allow_cidrs setting")
+
+    @property
+    def for_redirects(self) -> AddressPolicy:
+        """The policy for a redirect hop to another origin than the configured URL's."""
+        return dataclasses.replace(self, public_only=True)
 
 
 def parse_networks(items: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -72,6 +117,10 @@ def parse_networks(items: Iterable[str]) -> tuple[IPNetwork, ...]:
         except ValueError:
             raise ValueError(f"invalid CIDR {item!r} in address policy") from None
     return tuple(out)
+
+
+_UNSPECIFIED = parse_networks(UNSPECIFIED)
+_NON_PUBLIC = parse_networks(NON_PUBLIC)
 
 
 def _ip_literal(host: str) -> str | None:
@@ -116,28 +165,33 @@ _EXC_MAP: Sequence[tuple[type[BaseException], type[httpx.HTTPError]]] = (
 class BridgeTransport(httpx.AsyncBaseTransport):
     def __init__(self, *, policy: AddressPolicy, verify: ssl.SSLContext | str | bool = True,
                  max_connections: int = 256) -> None:
-        self._policy = policy
+        self._policies = (policy, policy.for_redirects)
         self._ssl = httpx.create_ssl_context(verify=verify) if not isinstance(verify, ssl.SSLContext) else verify
         self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+        # One pool per policy: a pooled connection is only ever reused by requests judged by the
+        # policy that admitted it (a redirect hop never rides on a connection the configured URLs'
+        # policy opened to an internal address).
+        self._sessions: list[aiohttp.ClientSession | None] = [None, None]
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def _get_session(self, redirect: bool) -> aiohttp.ClientSession:
+        session = self._sessions[redirect]
+        if session is None:
             connector = aiohttp.TCPConnector(
                 limit=self._max_connections, limit_per_host=0, ssl=self._ssl,
-                resolver=PolicyResolver(self._policy), ttl_dns_cache=10, keepalive_timeout=30,
+                resolver=PolicyResolver(self._policies[redirect]), ttl_dns_cache=10, keepalive_timeout=30,
             )
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                                  skip_auto_headers=("User-Agent",))
-        return self._session
+            session = self._sessions[redirect] = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
+        return session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         host = request.url.host
+        redirect = bool(request.extensions.get(REDIRECT_HOP))
         if (literal := _ip_literal(host)) is not None:
-            self._policy.check(host, literal)
+            self._policies[redirect].check(host, literal)
         timeout = request.extensions.get("timeout", {})
         body = await request.aread() or None  # redirected requests carry a stream, not bytes
-        session = self._get_session()
+        session = self._get_session(redirect)
         try:
             async with session.request(
                 request.method,
@@ -162,9 +216,21 @@ class BridgeTransport(httpx.AsyncBaseTransport):
             raise
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for i, session in enumerate(self._sessions):
+            if session is not None:
+                await session.close()
+                self._sessions[i] = None
+
+
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    """Receivers' cookies are neither kept nor sent: the client is shared by every URL, and one
+    receiver's Set-Cookie must not travel to another URL of the same domain."""
+
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
 
 
 def make_client(*, policy: AddressPolicy | None = None, verify: ssl.SSLContext | str | bool = True,
@@ -173,6 +239,7 @@ def make_client(*, policy: AddressPolicy | None = None, verify: ssl.SSLContext |
     transport = BridgeTransport(policy=policy or AddressPolicy(), verify=verify,
                                 max_connections=max_connections)
     return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(timeout),
+                             cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
                              follow_redirects=False, max_redirects=MAX_REDIRECTS,
                              headers={"User-Agent": "crm-bridge/0.1"})
 
@@ -191,12 +258,18 @@ def ssl_context(ca_bundle: str = "") -> ssl.SSLContext:
     return ctx
 
 
-def policy_from(deny: Iterable[str], allow: Iterable[str]) -> AddressPolicy:
-    """The configured lists; the built-in denials (link-local, cloud metadata) always apply."""
-    return AddressPolicy(deny=parse_networks((*DEFAULT_DENY, *deny)), allow=parse_networks(allow))
+def policy_from(deny: Iterable[str], allow: Iterable[str], redirect_allow: Iterable[str] = ()) -> AddressPolicy:
+    """The configured lists; the built-in denials (unspecified, link-local, cloud metadata) always apply."""
+    return AddressPolicy(deny=parse_networks((*DEFAULT_DENY, *deny)), allow=parse_networks(allow),
+                         redirect_allow=parse_networks(redirect_allow))
+
+
+def settings_policy(settings: Settings) -> AddressPolicy:
+    """The daemon's policy from its settings (also what `crm-bridge check` holds hosts against)."""
+    return policy_from(settings.deny_cidrs, settings.allow_cidrs, settings.redirect_allow_cidrs)
 
 
 def client_for(settings: Settings) -> httpx.AsyncClient:
     """The client ``crm-bridge run`` uses, built from its settings."""
-    return make_client(policy=policy_from(settings.deny_cidrs, settings.allow_cidrs),
+    return make_client(policy=settings_policy(settings),
                        verify=ssl_context(settings.ca_bundle), timeout=settings.timeout)

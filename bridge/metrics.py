@@ -9,7 +9,8 @@ Two kinds of numbers:
   pending age, per URL.  Several daemons export the same values: aggregate those with max(), not sum().
 
 The URL label is the ``crm_trigger`` id (never the URL, which may carry credentials);
-``crm_bridge_url_info`` maps it to object, event and the redacted URL.  At most
+``crm_bridge_url_info`` maps it to object, event and the redacted URL (redact.redact_url: no
+credentials, no token-looking path segments; control characters escaped).  At most
 ``MAX_URL_LABELS`` ids get their own series; beyond that they share ``trigger_id="other"``.
 """
 
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .redact import redact_url
+from .redact import redact_url, safe_text
 from .settings import SettingsError, parse_host_port
 
 if TYPE_CHECKING:
@@ -166,6 +167,7 @@ class _StateCollector:
             tid = str(row["id"])
             for key, family in per_url.items():
                 family.add_metric([tid], float(row[key]))
-            info.add_metric([tid, row["object"], row["event"], redact_url(row["url"]), row["state"]], 1.0)
+            info.add_metric([tid, *(safe_text(str(v), 2000) for v in (row["object"], row["event"],
+                                                                       redact_url(row["url"]), row["state"]))], 1.0)
         yield from per_url.values()
         yield info

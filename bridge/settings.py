@@ -39,6 +39,9 @@ class Settings:
     ca_bundle: str = ""                   # extra CA file for internal CAs; system CAs otherwise
     deny_cidrs: tuple[str, ...] = ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128")
     allow_cidrs: tuple[str, ...] = ()
+    # Non-public ranges (http.NON_PUBLIC: loopback, RFC 1918, 100.64/10, fc00::/7, ...) that a
+    # redirect to another origin may lead to; by default such a redirect is refused.
+    redirect_allow_cidrs: tuple[str, ...] = ()
     # queue
     batch_size: int = 500
     lease: float = 30.0                   # seconds a claim lives without a heartbeat
@@ -104,7 +107,7 @@ class Settings:
             raise SettingsError("grace must be >= 0 and retention_days > 0")
         from .http import parse_networks, ssl_context
 
-        for name in ("deny_cidrs", "allow_cidrs"):
+        for name in ("deny_cidrs", "allow_cidrs", "redirect_allow_cidrs"):
             try:
                 parse_networks(getattr(self, name))
             except ValueError as exc:
@@ -118,6 +121,25 @@ class Settings:
                 raise SettingsError(f"ca_bundle {self.ca_bundle} cannot be loaded: {exc}") from None
         if self.metrics_addr:
             parse_host_port(self.metrics_addr)
+
+
+# Messages of libpq / psycopg about a connection string they cannot parse.
+_CONNINFO_SYNTAX = ("connection info string", " in URI", "URI query parameter", "percent-encoded",
+                    "invalid connection option", "invalid integer value", "invalid connection string")
+
+
+def db_error_text(exc: BaseException) -> str:
+    """A connection or database error for people: no password fragments (libpq quotes pieces of a
+    connection string it cannot parse), no control characters, and what to do when the
+    connection string itself is malformed."""
+    from .redact import safe_text, scrub
+
+    text = safe_text(scrub(" ".join(str(exc).split())), 2000)
+    if any(marker in text for marker in _CONNINFO_SYNTAX):
+        text = (f"{text} (check the connection string given by --dsn, CRM_BRIDGE_DSN or the dsn setting: "
+                "key=value pairs, with values that contain spaces quoted as password='a b', "
+                "or a postgresql:// URI with special characters percent-encoded)")
+    return text
 
 
 def parse_host_port(value: str) -> tuple[str, int]:

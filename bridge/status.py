@@ -2,7 +2,9 @@
 
 All numbers come from the views of sql/migrations/0002_views.sql (summary, backlog,
 url_status), read in one read-only snapshot, so they agree with each other and with psql.
-URLs and error texts are shown with credentials masked.
+URLs and error texts are shown with credentials masked, and every text read from the database is
+passed through redact.safe_text: a row written by hand (or by an older crm-bridge) may hold
+control characters or escape sequences, which must not reach the terminal.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .db import installed_version, latest_version
-from .redact import redact_url, scrub
+from .redact import redact_url, safe_text, scrub
 from .service import format_age
 from .sqlfiles import Q
+
+MAX_TEXT = 2000  # per value read from the database (a URL is at most 2000 characters)
 
 
 class StatusError(RuntimeError):
@@ -47,7 +51,11 @@ def gather(conn: psycopg.Connection) -> dict[str, Any]:
     for row in urls:
         row["url"] = redact_url(row["url"])
         row["last_failure_error"] = scrub(row["last_failure_error"]) if row["last_failure_error"] else None
-    return {"database": conn.info.dbname, "schema_version": version, "summary": summary,
+    for row in (summary, *backlog, *urls):
+        for key, value in row.items():
+            if isinstance(value, str):
+                row[key] = safe_text(value, MAX_TEXT)
+    return {"database": safe_text(conn.info.dbname), "schema_version": version, "summary": summary,
             "backlog": backlog, "urls": urls}
 
 

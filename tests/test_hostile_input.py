@@ -5,6 +5,7 @@ from it; any ID value gives a correctly encoded call, GET or POST."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlsplit
 
@@ -18,6 +19,7 @@ from yarl import URL
 from bridge.calls import build_call
 from bridge.deliver import Delivery, RetryPolicy, attempt
 from bridge.http import make_client
+from bridge.receiver import Rule
 from bridge.settings import Settings
 from bridge.urls import call_url
 
@@ -118,3 +120,50 @@ def test_an_unbuildable_url_is_a_dead_delivery_with_a_clear_error():
         assert outcome.error is not None and outcome.error.startswith("invalid URL http://xn--.example/h?AccountID=a")
 
     anyio.run(run)
+
+
+# -- issue 10, item 5 (text): whatever a receiver answers is stored and shown safely --------------
+CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def test_a_receiver_answering_nul_escape_sequences_and_a_huge_body_is_recorded_sanitized(db, receiver, daemon):
+    body = "boom\x00 \x1b[2J\x1b]0;owned\x07 \x9b31m\r\nFAKE LOG LINE " + "x" * 1_000_000
+    receiver.answer("/nul", Rule(status=500, body=body))
+    # An escape sequence in a header: the connection fails (aiohttp refuses it), the text stays clean.
+    receiver.answer("/moved", Rule(status=302, headers={"Location": "/next\x1b[2J"}))
+    bad = db.add_url("customer", "create", receiver.url("/nul"))
+    moved = db.add_url("customer", "create", receiver.url("/moved"))
+    good = db.add_url("customer", "create", receiver.url("/ok"))
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-1', 'x')")
+    for tid in (bad, moved):
+        db.wait_until("SELECT status FROM crm_bridge.delivery WHERE trigger_id = %s", [tid], expect="dead", timeout=30)
+    assert db.one("SELECT attempts FROM crm_bridge.delivery WHERE trigger_id = %s", [bad]) == 3  # FAST_ENV
+    db.wait_until("SELECT status FROM crm_bridge.delivery WHERE trigger_id = %s", [good], expect="delivered")
+    texts = [t for (t,) in db.all("SELECT last_error FROM crm_bridge.delivery WHERE last_error IS NOT NULL "
+                                  "UNION ALL SELECT error FROM crm_bridge.attempt")]
+    assert len(texts) == 8, texts
+    for text in texts:
+        assert not CONTROL.search(text), repr(text)
+        assert len(text) <= 500
+    last = db.one("SELECT last_error FROM crm_bridge.delivery WHERE trigger_id = %s", [bad])
+    assert last.startswith("gave up after 3 attempts: HTTP 500: boom\\x00 \\x1b[2J\\x1b]0;owned\\x07 \\x9b31m"), last
+    # The daemon is still up and delivering.
+    assert daemon.running
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-2', 'y')")
+    db.wait_until("SELECT count(*) FROM crm_bridge.delivery WHERE trigger_id = %s AND status = 'delivered'",
+                  [good], expect=2)
+    assert "\x1b" not in daemon.log and "\x00" not in daemon.log
+    assert "\nFAKE LOG LINE" not in daemon.log
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(), limit=st.integers(1, 600))
+def test_safe_text_is_storable_printable_and_bounded(text, limit):
+    from bridge.redact import safe_text
+
+    out = safe_text(text, limit)
+    assert len(out) <= limit
+    assert not CONTROL.search(out) and "\x00" not in out
+    out.encode("utf-8")                                       # no lone surrogates: PostgreSQL can store it
+    if len(text) <= limit and text.isprintable():
+        assert out == text

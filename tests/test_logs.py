@@ -120,3 +120,16 @@ def test_journal_formatter_prefixes_the_syslog_priority(capture):
     assert stream.getvalue().splitlines() == [
         "<7>DEBUG crm_bridge.test_logs: d", "<6>INFO crm_bridge.test_logs: i",
         "<4>WARNING crm_bridge.test_logs: w", "<3>ERROR crm_bridge.test_logs: e"]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_formatters_escape_control_characters(capture, fmt):
+    """Issue 10, item 5: a receiver's text in a message must not reach a terminal as escape sequences."""
+    logger, stream, (handler,) = capture
+    handler.setFormatter(make_formatter(fmt))
+    logger.warning("answer: %s", "boom\x00 \x1b[2J \x9b31m \u202eevil\u202c")
+    out = stream.getvalue()
+    for raw in ("\x00", "\x1b", "\x9b", "\u202e"):
+        assert raw not in out
+    text = json.loads(out)["msg"] if fmt == "json" else out
+    assert "boom\\x00 \\x1b[2J \\x9b31m \\u202eevil\\u202c" in text

@@ -56,7 +56,7 @@ def test_attempts_are_bounded_then_dead():
 
 def test_per_url_schedule_and_max_attempts_override_the_defaults():
     policy = RetryPolicy(Settings(retry_jitter=0))
-    d = delivery(attempts=0, retry_schedule=[timedelta(seconds=7)], max_attempts=2)
+    d = delivery(attempts=0, retry_schedule=[7.0], max_attempts=2)
     assert judge(policy, d, 500).delay == 7
     assert judge(policy, delivery(attempts=1, max_attempts=2), 500).status == "dead"
 

@@ -116,3 +116,29 @@ def test_the_secret_never_reaches_logs_or_recorded_errors(db, receiver, daemon_f
     d.stop()
     assert "delivery 1 (customer/create) is dead" in d.log
     assert key not in d.log
+
+
+def test_signing_headers_are_not_forwarded_to_another_origin(db, receiver, daemon_factory):
+    """Issue 10, item 13: a signed call redirected to another origin must not hand it a signature it
+    could replay to the real receiver.  The event id headers stay (they authenticate nothing)."""
+    from bridge.receiver import Receiver
+
+    daemon_factory(env={"CRM_BRIDGE_REDIRECT_ALLOW_CIDRS": "127.0.0.0/8"})  # loopback: allowed for redirects
+    with Receiver() as other:  # another port: another origin
+        receiver.answer("/moved", Rule(status=307, headers={"Location": other.url("/elsewhere")}))
+        receiver.answer("/hop", Rule(status=307, headers={"Location": "/landing"}))
+        away_id = db.add_url("customer", "create", receiver.url("/moved"), follow_redirects=True, method="POST")
+        home_id = db.add_url("customer", "create", receiver.url("/hop"), follow_redirects=True, method="POST")
+        away_secret = db.one("SELECT crm_bridge.set_signing_secret(%s)", [away_id])
+        home_secret = db.one("SELECT crm_bridge.set_signing_secret(%s)", [home_id])
+        db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-r', 'x')")
+        [away] = other.wait_for(1)
+        [home] = receiver.wait_for(1, "/landing")
+    [signed] = [c for c in receiver.attempts if c.path == "/moved"]
+    verify(away_secret, signed)                                # the first hop was signed...
+    lowered = {k.lower() for k in away.headers}
+    assert not lowered & {"webhook-signature", "webhook-timestamp"}, away.headers   # ...the other origin gets none
+    assert away.headers["webhook-id"] == away.headers["Idempotency-Key"] == signed.headers["webhook-id"]
+    with pytest.raises(WebhookVerificationError):
+        verify(away_secret, away)
+    verify(home_secret, home)                                  # the same origin still gets a valid signature

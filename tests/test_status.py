@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bridge.db import latest_version
 from bridge.receiver import Rule
 
 
@@ -109,4 +110,22 @@ def test_status_before_the_views_migration_says_run_migrate(db):
     db.execute("DELETE FROM crm_bridge.schema_version WHERE version = 2")
     proc = cli(db.dsn, "status")
     assert proc.returncode == 1
-    assert "schema version 3 has no status views" in proc.stderr and "crm-bridge migrate" in proc.stderr
+    assert f"schema version {latest_version()} has no status views" in proc.stderr
+    assert "crm-bridge migrate" in proc.stderr
+
+
+def test_raw_text_from_the_database_is_printed_safely(db, busy_queue):
+    """Issue 10, item 5: a DBA (or an old row) may have stored escape sequences; status and check must
+    not pass them to the terminal."""
+    for table, column in (("delivery", "last_error"), ("attempt", "error")):
+        db.execute(f"UPDATE crm_bridge.{table} SET {column} = e'evil \\x1b[2J\\x1b]0;title\\x07 \\u009b31m end' "
+                   f"WHERE {column} IS NOT NULL")
+    with db.conn.transaction():
+        db.execute("SET LOCAL session_replication_role = replica")   # validation off, as a superuser can
+        db.execute("UPDATE crm_bridge.crm_trigger SET url = url || e'\\x1b[31m' WHERE id = %s", [busy_queue["paused"]])
+    outputs = [cli(db.dsn, "status"), cli(db.dsn, "status", "--json"), cli(db.dsn, "check")]
+    for proc in outputs:
+        assert "\x1b" not in proc.stdout + proc.stderr and "\x9b" not in proc.stdout + proc.stderr, proc.stdout
+    assert "evil \\x1b[2J\\x1b]0;title\\x07 \\x9b31m end" in outputs[0].stdout
+    assert json.loads(outputs[1].stdout)["urls"][1]["last_failure_error"].startswith("evil \\x1b[2J")
+    assert "\\x1b[31m" in outputs[0].stdout and "/paused\\x1b[31m is paused" in outputs[2].stdout
