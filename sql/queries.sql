@@ -288,3 +288,21 @@ SELECT a.table_name::text AS table_name, a.object, w.name AS trigger_name,
   LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid = a.table_name AND g.tgname = w.name
  WHERE g.oid IS NULL OR g.tgenabled IN ('D', 'R')
  ORDER BY 1, 3;
+
+-- name: check_capture_form
+-- Attached tables whose capture triggers predate migration 0004 (a re-attach fixes them):
+--   old-comparison  the edit trigger's WHEN needs an equality operator for every column type, so
+--                   an UPDATE fails on json, point, xml ... columns
+--   statement-level a partitioned table (or partition) with statement-level triggers: statements
+--                   aimed at a partition (or at the parent) are not captured
+SELECT a.table_name::text AS table_name, a.object, g.tgname AS trigger_name,
+       CASE WHEN g.tgname = 'crm_bridge_emit_edit' THEN 'old-comparison' ELSE 'statement-level' END AS problem,
+       pg_catalog.format('SELECT crm_bridge.attach(%L, %L, ARRAY[%s])', a.table_name::text, a.object,
+              (SELECT pg_catalog.string_agg(pg_catalog.quote_literal(c), ', ') FROM pg_catalog.unnest(a.id_columns) c)) AS fix
+  FROM crm_bridge.attachment a
+  JOIN pg_catalog.pg_class c ON c.oid = a.table_name
+  JOIN pg_catalog.pg_trigger g ON g.tgrelid = a.table_name AND g.tgparentid = 0
+ WHERE (g.tgname = 'crm_bridge_emit_edit' AND pg_catalog.pg_get_triggerdef(g.oid) !~ '[*]=')
+    OR (g.tgname IN ('crm_bridge_emit_create', 'crm_bridge_emit_delete')
+        AND (c.relkind = 'p' OR c.relispartition) AND g.tgtype::integer & 1 = 0)
+ ORDER BY 1, 3;
