@@ -199,6 +199,15 @@ DELETE FROM crm_bridge.delivery
 -- Taken by a daemon that has drained the outbox and waits: writers that see it NOTIFY.
 SELECT pg_advisory_lock(1668441442, 1);
 
+-- name: idle_mark
+-- While holding the idle lock: ask writers to NOTIFY for the next %(seconds)s seconds (at most 60).
+-- Only the daemon role may call it; a foreign session holding the lock makes nobody NOTIFY.
+SELECT crm_bridge.daemon_enter_idle(%(seconds)s);
+
+-- name: idle_clear
+-- Before releasing the idle lock: writers stop notifying.
+SELECT crm_bridge.daemon_leave_idle();
+
 -- name: idle_unlock
 -- Released as soon as the daemon is busy again: writers skip NOTIFY while it drains.
 SELECT pg_advisory_unlock(1668441442, 1);
