@@ -136,6 +136,10 @@ def test_daemon_connected_as_the_daemon_role_does_its_whole_job(db, roles, recei
                                                    finished_at)
                   VALUES (0, 'customer', 'create', ARRAY['old'], '{old}', now(), 'unrouted',
                           now() - interval '30 days')""")
+    # Wake-up state (0004): granted here until apply_grants() lists crm_bridge.daemon_* (integration).
+    db.execute(psycopg.sql.SQL("GRANT EXECUTE ON FUNCTION crm_bridge.daemon_enter_idle(float8), "
+                               "crm_bridge.daemon_leave_idle() TO {}")
+               .format(psycopg.sql.Identifier(roles.daemon_group)))
     d = daemon_factory(target_dsn=roles.dsn(roles.daemon))
     db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('as-daemon', 'x')")
     receiver.wait_for(1, "/flaky")
