@@ -146,6 +146,14 @@ def check_config(conn: psycopg.Connection, settings: Settings, report: Report) -
                "replica-only": f"ALTER TABLE {row['table_name']} ENABLE TRIGGER {row['trigger_name']}"}
         report.add("error", f"table {row['table_name']} ({row['object']}): capture trigger {row['trigger_name']} "
                             f"is {row['problem']}, so its changes are not captured: {fix[row['problem']]}")
+    why = {"old-comparison": "compares rows with an equality operator that some column types lack "
+                             "(UPDATEs could fail)",
+           "statement-level": "is statement-level on a partitioned table or partition "
+                              "(statements aimed at a partition are not captured)"}
+    for row in cur.execute(Q.check_capture_form).fetchall():
+        kind = "edit" if row["problem"] == "old-comparison" else "capture"
+        report.add("error", f"table {row['table_name']} ({row['object']}): {kind} trigger {row['trigger_name']} "
+                            f"{why[row['problem']]}: re-attach it with {row['fix']}")
     check_hosts(enabled, settings, report)
 
 

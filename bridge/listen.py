@@ -3,6 +3,10 @@
 Writers NOTIFY only while some daemon holds the idle lock (see emit_v1 in sql/), so NOTIFY's
 global commit lock is paid only when a daemon is actually waiting.  The lock is a session
 advisory lock: it vanishes with the connection, so a crashed daemon never leaves writers paying.
+
+Any session can take an advisory lock, so the lock alone does not make writers NOTIFY: the daemon
+also marks itself idle in crm_bridge.wake_state (daemon_enter_idle, only the daemon role may call
+it) for a bounded time, refreshed while it waits, and clears the mark before releasing the lock.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ CHANNEL = "crm_bridge"
 CONNECT_KWARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
                   "keepalives_count": 3, "tcp_user_timeout": 60000}
 MAX_PAYLOAD = 200
+# The idle mark in crm_bridge.wake_state lasts this long past the current wait (a daemon killed
+# while idle leaves writers notifying at most this long, and only while someone holds the lock).
+IDLE_MARGIN = 5.0
+# The database caps one mark at 60 s: longer waits refresh it.
+IDLE_SLICE = 50.0
 
 
 def valid_payload(payload: str) -> bool:
@@ -45,6 +54,8 @@ class Listener:
         self.holding_lock = False
         self.malformed = 0
         self._last_malformed_log = 0.0
+        self._idle_until = 0.0         # monotonic time the database's idle mark lasts until
+        self._can_mark = True          # False when the role may not call daemon_enter_idle
 
     @property
     def connected(self) -> bool:
@@ -60,6 +71,7 @@ class Listener:
         await conn.execute(f"LISTEN {CHANNEL}")
         self._conn = conn
         self.holding_lock = False
+        self._can_mark = True
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -83,12 +95,34 @@ class Listener:
         except errors.LockNotAvailable:
             return False
         self.holding_lock = True
+        self._idle_until = 0.0
+        await self._mark_idle(IDLE_MARGIN)
         return True
 
     async def leave_idle(self) -> None:
         if self.holding_lock:
             self.holding_lock = False
-            await self._require().execute(Q.idle_unlock)
+            conn = self._require()
+            if self._can_mark and self._idle_until:
+                self._idle_until = 0.0
+                await conn.execute(Q.idle_clear)
+            await conn.execute(Q.idle_unlock)
+
+    async def _mark_idle(self, seconds: float) -> None:
+        """Tell writers (through crm_bridge.wake_state) that this daemon waits for the next ``seconds``."""
+        if not self._can_mark:
+            return
+        try:
+            await self._require().execute(Q.idle_mark, {"seconds": seconds})
+        except (errors.InsufficientPrivilege, errors.UndefinedFunction) as exc:
+            # Deliveries still flow (the poll interval is the floor), only wake-ups are lost.
+            self._can_mark = False
+            log.warning("cannot mark the daemon idle (%s): writers will not wake it and new events wait "
+                        "for the poll interval; run `crm-bridge migrate --roles` to grant the daemon "
+                        "role EXECUTE on crm_bridge.daemon_enter_idle / daemon_leave_idle",
+                        str(exc).splitlines()[0])
+            return
+        self._idle_until = time.monotonic() + seconds
 
     async def wait(self, seconds: float) -> bool:
         """Wait for a well-formed wake-up NOTIFY; True if one came, False on timeout."""
@@ -96,8 +130,11 @@ class Listener:
         deadline = time.monotonic() + seconds
         woke = False
         while not woke and (remaining := deadline - time.monotonic()) > 0:
+            step = min(remaining, IDLE_SLICE)
+            if self.holding_lock and time.monotonic() + step > self._idle_until - 1.0:
+                await self._mark_idle(step + IDLE_MARGIN)
             # One packet may carry several notifications: look at all of them before returning.
-            async for n in conn.notifies(timeout=remaining, stop_after=1):
+            async for n in conn.notifies(timeout=step, stop_after=1):
                 if valid_payload(n.payload):
                     woke = True
                 else:

@@ -63,6 +63,15 @@ SELECT crm_bridge.daemon_retention(%(retention)s, %(batch)s);
 -- Taken by a daemon that has drained the outbox and waits: writers that see it NOTIFY.
 SELECT pg_advisory_lock(1668441442, 1);
 
+-- name: idle_mark
+-- While holding the idle lock: ask writers to NOTIFY for the next %(seconds)s seconds (at most 60).
+-- Only the daemon role may call it; a foreign session holding the lock makes nobody NOTIFY.
+SELECT crm_bridge.daemon_enter_idle(%(seconds)s);
+
+-- name: idle_clear
+-- Before releasing the idle lock: writers stop notifying.
+SELECT crm_bridge.daemon_leave_idle();
+
 -- name: idle_unlock
 -- Released as soon as the daemon is busy again: writers skip NOTIFY while it drains.
 SELECT pg_advisory_unlock(1668441442, 1);
@@ -151,4 +160,22 @@ SELECT a.table_name::text AS table_name, a.object, w.name AS trigger_name,
        ARRAY(SELECT 'crm_bridge_emit_' || e FROM unnest(o.events) e)) AS w(name)
   LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid = a.table_name AND g.tgname = w.name
  WHERE g.oid IS NULL OR g.tgenabled IN ('D', 'R')
+ ORDER BY 1, 3;
+
+-- name: check_capture_form
+-- Attached tables whose capture triggers predate migration 0004 (a re-attach fixes them):
+--   old-comparison  the edit trigger's WHEN needs an equality operator for every column type, so
+--                   an UPDATE fails on json, point, xml ... columns
+--   statement-level a partitioned table (or partition) with statement-level triggers: statements
+--                   aimed at a partition (or at the parent) are not captured
+SELECT a.table_name::text AS table_name, a.object, g.tgname AS trigger_name,
+       CASE WHEN g.tgname = 'crm_bridge_emit_edit' THEN 'old-comparison' ELSE 'statement-level' END AS problem,
+       pg_catalog.format('SELECT crm_bridge.attach(%L, %L, ARRAY[%s])', a.table_name::text, a.object,
+              (SELECT pg_catalog.string_agg(pg_catalog.quote_literal(c), ', ') FROM pg_catalog.unnest(a.id_columns) c)) AS fix
+  FROM crm_bridge.attachment a
+  JOIN pg_catalog.pg_class c ON c.oid = a.table_name
+  JOIN pg_catalog.pg_trigger g ON g.tgrelid = a.table_name AND g.tgparentid = 0
+ WHERE (g.tgname = 'crm_bridge_emit_edit' AND pg_catalog.pg_get_triggerdef(g.oid) !~ '[*]=')
+    OR (g.tgname IN ('crm_bridge_emit_create', 'crm_bridge_emit_delete')
+        AND (c.relkind = 'p' OR c.relispartition) AND g.tgtype::integer & 1 = 0)
  ORDER BY 1, 3;

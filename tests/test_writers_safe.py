@@ -104,6 +104,6 @@ def test_emit_keeps_its_safety_properties(db):
     secdef, config, src = db.all("SELECT prosecdef, proconfig, prosrc FROM pg_proc "
                                  "WHERE oid = 'crm_bridge.emit_v1()'::regprocedure")[0]
     assert secdef is True
-    assert config == ["search_path=pg_catalog, crm_bridge"]
+    assert config == ["search_path=pg_catalog, crm_bridge, pg_temp"]
     assert not re.search(r"(?i)\bEXCEPTION\s+WHEN\b", src)
     assert not re.search(r"(?i)\bFROM\s+crm_bridge\.(crm_trigger|object_type|attachment)\b", src)
