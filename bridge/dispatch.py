@@ -297,6 +297,7 @@ class Daemon:
             self._on_outcome(d, outcome)
         if outcome.status == "delivered":
             self.stats.delivered += 1
+            log.debug("delivery %d (%s/%s) delivered in %d ms", d.id, d.object, d.event, outcome.duration_ms)
             self.stats.record_latency(max(0.0, time.time() - d.event_created_at.timestamp()))
         elif outcome.status == "dead":
             self.stats.dead += 1

@@ -113,6 +113,18 @@ _EXC_MAP: Sequence[tuple[type[BaseException], type[httpx.HTTPError]]] = (
 )
 
 
+def _plain_error(exc: BaseException) -> str:
+    """What went wrong, without aiohttp's transport details (``ssl:default [Connect call failed …]``)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        errno = getattr(os_error, "errno", None)
+        reason = (os.strerror(errno) if isinstance(errno, int) and errno > 0 else None) \
+            or getattr(os_error, "strerror", None) or str(os_error) or type(os_error).__name__
+        what = "TLS handshake with" if isinstance(exc, aiohttp.ClientSSLError) else "cannot connect to"
+        return f"{what} {exc.host}:{exc.port}: {reason}"
+    return str(exc) or type(exc).__name__
+
+
 class BridgeTransport(httpx.AsyncBaseTransport):
     def __init__(self, *, policy: AddressPolicy, verify: ssl.SSLContext | str | bool = True,
                  max_connections: int = 256) -> None:
@@ -158,7 +170,7 @@ class BridgeTransport(httpx.AsyncBaseTransport):
         except Exception as exc:
             for src, dst in _EXC_MAP:
                 if isinstance(exc, src):
-                    raise dst(f"{type(exc).__name__}: {exc}", request=request) from exc
+                    raise dst(_plain_error(exc), request=request) from exc
             raise
 
     async def aclose(self) -> None:

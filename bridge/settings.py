@@ -15,6 +15,10 @@ from typing import Any
 # 5 h, 10 h, 10 h (8 attempts in all).
 DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
+# Read when neither --config nor CRM_BRIDGE_CONFIG names a file and it exists (the path the
+# systemd docs install it to).  CRM_BRIDGE_CONFIG= (empty) skips it.
+DEFAULT_CONFIG = Path("/etc/crm-bridge/crm-bridge.toml")
+
 
 class SettingsError(ValueError):
     pass
@@ -52,6 +56,8 @@ class Settings:
     log_format: str = "text"              # text | json
     metrics_addr: str = ""                # HOST:PORT for Prometheus metrics; empty: off
     status_interval: float = 10.0         # seconds between STATUS=/metrics refreshes from the DB
+    # not a setting: the config file the values were read from ("" if none), for messages
+    config_path: str = field(default="", compare=False, repr=False, metadata={"internal": True})
 
     @property
     def heartbeat_interval(self) -> float:
@@ -66,10 +72,12 @@ class Settings:
         values: dict[str, Any] = {}
         origin: dict[str, str] = {}     # where each value came from, for error messages
         path = flags.pop("config", None) or config_file or env.get("CRM_BRIDGE_CONFIG")
+        if path is None and DEFAULT_CONFIG.exists():
+            path = DEFAULT_CONFIG
         if path:
             for name, value in _read_toml(Path(path)).items():
                 values[name], origin[name] = value, f"config file {path}"
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls) if not f.metadata.get("internal")}
         for name in known:
             key = f"CRM_BRIDGE_{name.upper()}"
             if key in env:
@@ -80,8 +88,9 @@ class Settings:
         for name, value in flags.items():
             values[name], origin[name] = value, f"--{name.replace('_', '-')}"
         settings = cls()
+        settings.config_path = str(path or "")
         for f in fields(cls):
-            if f.name in values:
+            if f.name in values and not f.metadata.get("internal"):
                 setattr(settings, f.name, _coerce(f, values[f.name], origin[f.name]))
         settings.validate()
         return settings
@@ -136,10 +145,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise SettingsError(f"config file {path} not found") from None
+    except PermissionError:
+        raise SettingsError(f"config file {path} is not readable by this user: run as a user that may read it, "
+                            "or set CRM_BRIDGE_CONFIG to another file (empty: no file)") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path}: {exc}") from None
     section = data.get("crm_bridge", data)
-    known = {f.name for f in fields(Settings)}
+    known = {f.name for f in fields(Settings) if not f.metadata.get("internal")}
     unknown = set(section) - known
     if unknown:
         raise SettingsError(f"config file {path}: unknown setting(s): {', '.join(sorted(unknown))}")
