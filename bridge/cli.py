@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import anyio
 import psycopg
 
-from .settings import DEFAULT_CONFIG, Settings, SettingsError
+from .settings import DEFAULT_CONFIG, Settings, SettingsError, config_path
 
 log = logging.getLogger("crm_bridge")
 
@@ -53,7 +53,7 @@ def _dsn_source(args: argparse.Namespace, settings: Settings) -> str:
     if os.environ.get("CRM_BRIDGE_DSN"):
         return "CRM_BRIDGE_DSN"
     if settings.dsn:
-        return f"dsn in config file {settings.config_path}"
+        return f"dsn in config file {config_path(getattr(args, 'config', None))}"
     return "libpq's PG* variables and defaults; no --dsn, CRM_BRIDGE_DSN or dsn in a config file was set"
 
 

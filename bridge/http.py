@@ -115,13 +115,16 @@ _EXC_MAP: Sequence[tuple[type[BaseException], type[httpx.HTTPError]]] = (
 
 def _plain_error(exc: BaseException) -> str:
     """What went wrong, without aiohttp's transport details (``ssl:default [Connect call failed …]``)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"TLS certificate of {exc.host}:{exc.port} refused: {exc.certificate_error}"
     if isinstance(exc, aiohttp.ClientConnectorError):
         os_error = exc.os_error
+        if isinstance(exc, aiohttp.ClientSSLError) or isinstance(os_error, ssl.SSLError):
+            return f"TLS handshake with {exc.host}:{exc.port} failed: {os_error}"
         errno = getattr(os_error, "errno", None)
         reason = (os.strerror(errno) if isinstance(errno, int) and errno > 0 else None) \
             or getattr(os_error, "strerror", None) or str(os_error) or type(os_error).__name__
-        what = "TLS handshake with" if isinstance(exc, aiohttp.ClientSSLError) else "cannot connect to"
-        return f"{what} {exc.host}:{exc.port}: {reason}"
+        return f"cannot connect to {exc.host}:{exc.port}: {reason}"
     return str(exc) or type(exc).__name__
 
 

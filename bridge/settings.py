@@ -56,8 +56,6 @@ class Settings:
     log_format: str = "text"              # text | json
     metrics_addr: str = ""                # HOST:PORT for Prometheus metrics; empty: off
     status_interval: float = 10.0         # seconds between STATUS=/metrics refreshes from the DB
-    # not a setting: the config file the values were read from ("" if none), for messages
-    config_path: str = field(default="", compare=False, repr=False, metadata={"internal": True})
 
     @property
     def heartbeat_interval(self) -> float:
@@ -71,13 +69,11 @@ class Settings:
         flags = {k: v for k, v in (flags or {}).items() if v is not None}
         values: dict[str, Any] = {}
         origin: dict[str, str] = {}     # where each value came from, for error messages
-        path = flags.pop("config", None) or config_file or env.get("CRM_BRIDGE_CONFIG")
-        if path is None and DEFAULT_CONFIG.exists():
-            path = DEFAULT_CONFIG
+        path = config_path(flags.pop("config", None) or config_file, env)
         if path:
             for name, value in _read_toml(Path(path)).items():
                 values[name], origin[name] = value, f"config file {path}"
-        known = {f.name for f in fields(cls) if not f.metadata.get("internal")}
+        known = {f.name for f in fields(cls)}
         for name in known:
             key = f"CRM_BRIDGE_{name.upper()}"
             if key in env:
@@ -88,9 +84,8 @@ class Settings:
         for name, value in flags.items():
             values[name], origin[name] = value, f"--{name.replace('_', '-')}"
         settings = cls()
-        settings.config_path = str(path or "")
         for f in fields(cls):
-            if f.name in values and not f.metadata.get("internal"):
+            if f.name in values:
                 setattr(settings, f.name, _coerce(f, values[f.name], origin[f.name]))
         settings.validate()
         return settings
@@ -129,6 +124,17 @@ class Settings:
             parse_host_port(self.metrics_addr)
 
 
+def config_path(given: str | Path | None, env: Mapping[str, str] | None = None) -> str | Path | None:
+    """The settings file to read: --config, else CRM_BRIDGE_CONFIG (empty: none), else DEFAULT_CONFIG
+    if it exists."""
+    env = os.environ if env is None else env
+    if given:
+        return given
+    if "CRM_BRIDGE_CONFIG" in env:
+        return env["CRM_BRIDGE_CONFIG"] or None
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+
+
 def parse_host_port(value: str) -> tuple[str, int]:
     """``127.0.0.1:9720``, ``[::1]:9720`` or ``:9720`` (all interfaces) -> (host, port)."""
     host, sep, port = value.strip().rpartition(":")
@@ -151,7 +157,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path}: {exc}") from None
     section = data.get("crm_bridge", data)
-    known = {f.name for f in fields(Settings) if not f.metadata.get("internal")}
+    known = {f.name for f in fields(Settings)}
     unknown = set(section) - known
     if unknown:
         raise SettingsError(f"config file {path}: unknown setting(s): {', '.join(sorted(unknown))}")
