@@ -1,4 +1,9 @@
-"""`crm-bridge replay` and `crm-bridge purge`: dead letters, by URL, object, time range or ids."""
+"""`crm-bridge replay`, `purge` and `retry-now`: dead letters and queued deliveries, by URL (its
+crm_trigger id or the exact URL), object, record, time range or delivery ids.
+
+When nothing matches, the commands say why (no such URL; the deliveries matched are pending, not
+dead; …) instead of silently doing nothing.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,45 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
-from .redact import redact_url
+from .redact import redact_url, scrub
 from .sqlfiles import Q
 
 BATCH = 1000
+SAMPLE = 20
+VERBS = {"replay": ("replayed", "replay", "dead letter(s)"), "purge": ("purged", "purge", "dead letter(s)"),
+         "retry-now": ("made due now", "send now", "pending deliveries")}
+
+
+def _url_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--url", metavar="ID|URL",
+                   help=f"only {what} for this URL: its crm_trigger id (as in `crm-bridge status`) or the URL "
+                        "exactly as configured")
+
+
+def _common(p: argparse.ArgumentParser, what: str) -> None:
+    _url_arg(p, what)
+    p.add_argument("--object", choices=["customer", "case", "followup", "task"], help="only this CRM object")
+    p.add_argument("--id", dest="ids", type=_ids, action="append", metavar="ID[,ID…]",
+                   help="only these delivery ids (repeatable)")
+    p.add_argument("--all", action="store_true", help=f"really all {what} (required when no filter is given)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be done, change nothing")
 
 
 def add_filter_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trigger-id", type=int, help="only dead letters of this crm_trigger row")
-    p.add_argument("--url", help="only dead letters for this URL (as configured)")
-    p.add_argument("--object", choices=["customer", "case", "followup", "task"], help="only this CRM object")
+    """replay / purge: dead letters."""
+    p.add_argument("--trigger-id", type=int, metavar="ID", help="only dead letters of this crm_trigger row")
+    _common(p, "dead letters")
     p.add_argument("--since", type=_timestamp, help="changes made at or after this time (ISO 8601)")
     p.add_argument("--until", type=_timestamp, help="changes made before this time (ISO 8601)")
-    p.add_argument("--id", dest="ids", type=_ids, action="append", metavar="ID[,ID…]",
-                   help="only these delivery ids (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="show what would be done, change nothing")
+
+
+def add_retry_args(p: argparse.ArgumentParser) -> None:
+    """retry-now: pending deliveries."""
+    _common(p, "pending deliveries")
+    p.add_argument("--record", type=_record, metavar="ID[,ID…]",
+                   help="only this record: its IDs in parameter order, e.g. --record acc-1,case-7 for a case")
 
 
 def _timestamp(value: str) -> datetime:
@@ -42,39 +70,152 @@ def _ids(value: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"invalid delivery id list {value!r} (expected e.g. 12,13)") from None
 
 
+def _record(value: str) -> list[str]:
+    parts = [v.strip() for v in value.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"invalid record {value!r} (expected its IDs, e.g. acc-1,case-7)")
+    return parts
+
+
+class Refused(Exception):
+    """The command cannot run as given; the message says what to do."""
+
+
 def _filters(args: argparse.Namespace) -> dict[str, Any]:
     ids = [i for chunk in args.ids for i in chunk] if args.ids else None
-    return {"trigger_id": args.trigger_id, "url": args.url, "object": args.object,
-            "since": args.since, "until": args.until, "ids": ids}
+    trigger_id = getattr(args, "trigger_id", None)
+    url = args.url
+    if url is not None and url.strip().isdigit():
+        if trigger_id is not None and trigger_id != int(url):
+            raise Refused(f"--url {url} and --trigger-id {trigger_id} name different URLs")
+        trigger_id, url = int(url), None
+    return {"trigger_id": trigger_id, "url": url, "object": args.object,
+            "since": getattr(args, "since", None), "until": getattr(args, "until", None), "ids": ids,
+            "record": getattr(args, "record", None)}
+
+
+def _has_filter(filters: dict[str, Any]) -> bool:
+    return any(v is not None for v in filters.values())
+
+
+def _confirm(question: str) -> bool:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return False
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def _fmt_time(ts: datetime | None, now: datetime) -> str:
+    if ts is None:
+        return "-"
+    ts = ts.astimezone(UTC)
+    return ts.strftime("%H:%M:%S UTC") if ts.date() == now.astimezone(UTC).date() else ts.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _why_nothing(conn: psycopg.Connection, filters: dict[str, Any], action: str) -> list[str]:
+    """Reasons nothing matched: an unknown URL, or the matching deliveries are in another state."""
+    cur = conn.cursor(row_factory=dict_row)
+    lines: list[str] = []
+    tid = filters["trigger_id"]
+    if tid is not None and cur.execute(Q.trigger_by_id, {"id": tid}).fetchone() is None:
+        lines.append(f"there is no configured URL with id {tid} (`crm-bridge status` lists them)")
+    if filters["url"] is not None and cur.execute(Q.trigger_by_url, {"url": filters["url"]}).fetchone() is None:
+        known = cur.execute(Q.trigger_list, {"limit": 10}).fetchall()
+        lines.append(f"no configured URL is exactly {redact_url(filters['url'])}; give the URL's id or the URL "
+                     "exactly as configured" + (":" if known else " (no URLs are configured)"))
+        lines += [f"  #{k['id']} {k['object']}/{k['event']} {redact_url(k['url'])}" for k in known]
+    wanted = "pending" if action == "retry-now" else "dead"
+    rows = cur.execute(Q.delivery_explain, {**filters, "limit": 5}).fetchall()
+    now = datetime.now(UTC)
+    for r in rows:
+        held = f" (its URL is {r['url_state']})" if r["url_state"] not in ("active", None) else ""
+        if r["status"] == "pending" and action == "retry-now":
+            state = f"is pending and already due{held}"
+        elif r["status"] == "pending":
+            state = f"is pending until {_fmt_time(r['next_attempt_at'], now)}{held}, not dead"
+            if r["attempts"]:
+                state += f" (attempt {r['attempts']} failed: {scrub(r['last_error'] or '')[:80]})"
+        elif r["status"] == "dead" and action == "retry-now":
+            state = "is dead, not pending: use `crm-bridge replay`"
+        elif r["status"] == "in_flight":
+            state = f"is being sent now by {r['worker']}, not {wanted}"
+        else:
+            state = f"is {r['status']}" + (f" since {_fmt_time(r['finished_at'], now)}" if r["finished_at"] else "") \
+                + f", not {wanted}"
+        lines.append(f"delivery {r['id']} ({r['object']}/{r['event']} {r['record']}) {state}")
+    if not lines:
+        lines.append("no delivery matches these filters at all")
+    return lines
+
+
+def _print_sample(conn: psycopg.Connection, filters: dict[str, Any], action: str, total: int) -> None:
+    from .status import _table
+
+    cur = conn.cursor(row_factory=dict_row)
+    query = Q.pending_sample if action == "retry-now" else Q.dead_letter_sample
+    rows = cur.execute(query, {**filters, "limit": SAMPLE}).fetchall()
+    now = datetime.now(UTC)
+    table = []
+    for r in rows:
+        last = scrub(" ".join((r["last_error"] or (f"HTTP {r['last_status']}" if r["last_status"] else "")).split()))
+        when = _fmt_time(r["next_attempt_at"] if action == "retry-now" else r["finished_at"], now)
+        table.append((r["id"], f"{r['object']}/{r['event']}", r["record"], r["attempts"], when,
+                      (last[:57] + "…") if len(last) > 58 else (last or "-"), redact_url(r["url"] or "(URL deleted)")))
+    head = "DUE" if action == "retry-now" else "DIED"
+    for line in _table(["ID", "OBJECT/EVENT", "RECORD", "ATTEMPTS", head, "LAST ERROR", "URL"], table, right={0, 3}):
+        print(line)
+    if total > SAMPLE:
+        print(f"  … and {total - SAMPLE} more")
 
 
 def run(args: argparse.Namespace, dsn: str, action: str) -> int:
-    """Replay or purge, in batches, printing progress; --dry-run only counts and shows a sample."""
-    filters = _filters(args)
-    verb = {"replay": "replayed", "purge": "purged"}[action]
+    """replay / purge / retry-now, in batches with progress; --dry-run counts and shows a sample."""
+    done_verb, ask_verb, noun = VERBS[action]
+    try:
+        filters = _filters(args)
+    except Refused as exc:
+        print(f"crm-bridge {action}: {exc}", file=sys.stderr)
+        return 2
     with psycopg.connect(dsn, autocommit=True) as conn:
-        total = conn.execute(Q.dead_letter_count, filters).fetchone()[0]  # type: ignore[index]
-        if args.dry_run:
-            print(f"{total} dead letter(s) would be {verb}")
-            for row in conn.execute(Q.dead_letter_sample, {**filters, "limit": 20}):
-                did, obj, event, ids, url, attempts, last_status, last_error, _ = row
-                print(f"  #{did} {obj}/{event} {ids} -> {redact_url(url or '(url deleted)')} "
-                      f"after {attempts} attempt(s): {last_error or last_status}")
-            if total > 20:
-                print(f"  … and {total - 20} more")
+        count_q = Q.pending_count if action == "retry-now" else Q.dead_letter_count
+        total = conn.execute(count_q, filters).fetchone()[0]  # type: ignore[index]
+        if total == 0:
+            print(f"no {noun} match", end="")
+            print(":" if _has_filter(filters) else ".")
+            if _has_filter(filters):
+                for line in _why_nothing(conn, filters, action):
+                    print(f"  {line}")
             return 0
+        if args.dry_run:
+            print(f"{total} {noun} would be {done_verb}:")
+            _print_sample(conn, filters, action, total)
+            return 0
+        if not _has_filter(filters) and not args.all \
+                and not _confirm(f"{ask_verb.capitalize()} all {total} {noun}?"):
+            print(f"crm-bridge {action}: no filter given: this would {ask_verb} all {total} {noun}. "
+                  "Pass --all to mean that, or narrow it (--url, --object, --id, …; --dry-run shows them).",
+                  file=sys.stderr)
+            return 2
         done = 0
-        query = Q.replay_batch if action == "replay" else Q.purge_batch
-        while True:
-            n = conn.execute(query, {**filters, "limit": BATCH}).fetchone()[0]  # type: ignore[index]
-            done += n
+        if action == "retry-now":
+            done = conn.execute(Q.retry_now, filters).fetchone()[0]  # type: ignore[index]
+        else:
+            query = Q.replay_batch if action == "replay" else Q.purge_batch
+            while True:
+                n = conn.execute(query, {**filters, "limit": BATCH}).fetchone()[0]  # type: ignore[index]
+                done += n
+                if total > BATCH:
+                    print(f"\r{done_verb} {done}/{total}", end="", file=sys.stderr, flush=True)
+                if n < BATCH:
+                    break
             if total > BATCH:
-                print(f"\r{verb} {done}/{total}", end="", file=sys.stderr, flush=True)
-            if n < BATCH:
-                break
-        if total > BATCH:
-            print(file=sys.stderr)
-    print(f"{verb} {done} dead letter(s)")
+                print(file=sys.stderr)
+    print(f"{done_verb} {done} {noun}")
     if action == "replay" and done < total:
-        print(f"({total - done} skipped: their URL was deleted from crm_trigger)")
+        print(f"({total - done} skipped: their URL was deleted from crm_trigger; purge them)")
+    if action == "retry-now":
+        print("a running daemon sends them within its poll interval; deliveries of paused or disabled URLs "
+              "stay held until the URL is resumed")
     return 0

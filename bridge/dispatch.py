@@ -377,6 +377,7 @@ class Daemon:
             self._on_outcome(d, outcome)
         if outcome.status == "delivered":
             self.stats.delivered += 1
+            log.debug("delivery %d (%s/%s) delivered in %d ms", d.id, d.object, d.event, outcome.duration_ms)
             self.stats.record_latency(max(0.0, time.time() - d.event_created_at.timestamp()))
         elif outcome.status == "dead":
             self.stats.dead += 1
@@ -504,8 +505,15 @@ class Daemon:
 
     async def _release_previous(self) -> None:
         assert self._pool is not None
-        async with self._pool.connection() as conn:
-            n = await self._scalar(conn, Q.release_previous, {"base": self.s.worker_id, "worker": self.worker})
+        try:
+            async with self._pool.connection() as conn:
+                n = await self._scalar(conn, Q.release_previous, {"base": self.s.worker_id, "worker": self.worker})
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:  # their leases expire instead
+            log.warning("could not release what an earlier process named %s held (%s)", self.s.worker_id,
+                        _db_error(exc))
+            return
         if n:
             log.warning("released %d deliveries an earlier process named %s still held", n, self.s.worker_id)
 

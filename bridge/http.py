@@ -162,6 +162,21 @@ _EXC_MAP: Sequence[tuple[type[BaseException], type[httpx.HTTPError]]] = (
 )
 
 
+def _plain_error(exc: BaseException) -> str:
+    """What went wrong, without aiohttp's transport details (``ssl:default [Connect call failed …]``)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"TLS certificate of {exc.host}:{exc.port} refused: {exc.certificate_error}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        if isinstance(exc, aiohttp.ClientSSLError) or isinstance(os_error, ssl.SSLError):
+            return f"TLS handshake with {exc.host}:{exc.port} failed: {os_error}"
+        errno = getattr(os_error, "errno", None)
+        reason = (os.strerror(errno) if isinstance(errno, int) and errno > 0 else None) \
+            or getattr(os_error, "strerror", None) or str(os_error) or type(os_error).__name__
+        return f"cannot connect to {exc.host}:{exc.port}: {reason}"
+    return str(exc) or type(exc).__name__
+
+
 class BridgeTransport(httpx.AsyncBaseTransport):
     def __init__(self, *, policy: AddressPolicy, verify: ssl.SSLContext | str | bool = True,
                  max_connections: int = 256) -> None:
@@ -212,7 +227,7 @@ class BridgeTransport(httpx.AsyncBaseTransport):
         except Exception as exc:
             for src, dst in _EXC_MAP:
                 if isinstance(exc, src):
-                    raise dst(f"{type(exc).__name__}: {exc}", request=request) from exc
+                    raise dst(_plain_error(exc), request=request) from exc
             raise
 
     async def aclose(self) -> None:

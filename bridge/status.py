@@ -59,6 +59,19 @@ def gather(conn: psycopg.Connection) -> dict[str, Any]:
             "backlog": backlog, "urls": urls}
 
 
+def attention(data: dict[str, Any], max_age: float) -> list[str]:
+    """What makes `crm-bridge status` exit 1: dead letters, or a change older than max_age undelivered."""
+    s = data["summary"]
+    problems = []
+    if s["dead"]:
+        problems.append(f"{s['dead']} dead letter(s): see `crm-bridge replay --dry-run`")
+    age = s["oldest_pending_age"]
+    if age is not None and age > max_age:
+        problems.append(f"the oldest undelivered change is {format_age(age)} old (more than {format_age(max_age)})"
+                        + ("; no daemon is connected" if not s["daemons"] else ""))
+    return problems
+
+
 # -- JSON ---------------------------------------------------------------------------------------
 def render_json(data: dict[str, Any]) -> str:
     def default(value: Any) -> Any:

@@ -81,10 +81,15 @@ SELECT pg_advisory_unlock(1668441442, 1);
 SELECT count(*) FROM crm_bridge.dead_letters(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s);
 
 -- name: dead_letter_sample
--- A few matching dead letters, for --dry-run.
-SELECT id, object, event, ids, url, attempts, last_status, last_error, finished_at
-  FROM crm_bridge.dead_letters(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s)
- ORDER BY id LIMIT %(limit)s;
+-- A few matching dead letters, for --dry-run: the record as AccountID=…&CaseID=…, the current URL.
+SELECT x.id, x.object, x.event,
+       array_to_string(ARRAY(SELECT p || '=' || coalesce(v, 'NULL')
+                               FROM unnest(o.id_params, x.ids) AS u(p, v)), '&') AS record,
+       coalesce(t.url, x.url) AS url, x.attempts, x.last_status, x.last_error, x.finished_at, x.next_attempt_at
+  FROM crm_bridge.dead_letters(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s) x
+  JOIN crm_bridge.object_type o ON o.object = x.object
+  LEFT JOIN crm_bridge.crm_trigger t ON t.id = x.trigger_id
+ ORDER BY x.id LIMIT %(limit)s;
 
 -- name: replay_batch
 -- Queue up to %(limit)s matching dead letters again.
@@ -93,6 +98,70 @@ SELECT crm_bridge.replay(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until
 -- name: purge_batch
 -- Delete up to %(limit)s matching dead letters.
 SELECT crm_bridge.purge(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s, %(limit)s);
+
+-- name: pending_count
+-- How many pending deliveries retry-now would make due (the predicate of crm_bridge.retry_now).
+SELECT count(*) FROM crm_bridge.delivery d
+ WHERE d.status = 'pending' AND d.next_attempt_at > now()
+   AND (%(trigger_id)s::bigint IS NULL OR d.trigger_id = %(trigger_id)s)
+   AND (%(url)s::text IS NULL OR d.url = %(url)s
+        OR d.trigger_id IN (SELECT t.id FROM crm_bridge.crm_trigger t WHERE t.url = %(url)s))
+   AND (%(object)s::text IS NULL OR d.object = %(object)s)
+   AND (%(ids)s::bigint[] IS NULL OR d.id = ANY (%(ids)s))
+   AND (%(record)s::text[] IS NULL OR d.ids = %(record)s);
+
+-- name: pending_sample
+-- A few of them, for retry-now --dry-run.
+SELECT d.id, d.object, d.event,
+       array_to_string(ARRAY(SELECT p || '=' || coalesce(v, 'NULL')
+                               FROM unnest(o.id_params, d.ids) AS u(p, v)), '&') AS record,
+       coalesce(t.url, d.url) AS url, d.attempts, d.last_status, d.last_error, d.finished_at, d.next_attempt_at
+  FROM crm_bridge.delivery d
+  JOIN crm_bridge.object_type o ON o.object = d.object
+  LEFT JOIN crm_bridge.crm_trigger t ON t.id = d.trigger_id
+ WHERE d.status = 'pending' AND d.next_attempt_at > now()
+   AND (%(trigger_id)s::bigint IS NULL OR d.trigger_id = %(trigger_id)s)
+   AND (%(url)s::text IS NULL OR d.url = %(url)s OR t.url = %(url)s)
+   AND (%(object)s::text IS NULL OR d.object = %(object)s)
+   AND (%(ids)s::bigint[] IS NULL OR d.id = ANY (%(ids)s))
+   AND (%(record)s::text[] IS NULL OR d.ids = %(record)s)
+ ORDER BY d.next_attempt_at, d.id LIMIT %(limit)s;
+
+-- name: retry_now
+-- Make matching pending deliveries due now.
+SELECT crm_bridge.retry_now(%(trigger_id)s, %(url)s, %(object)s, %(ids)s, %(record)s);
+
+-- name: delivery_explain
+-- When a filter matched nothing: the deliveries it would match in any status, and their URL's state.
+SELECT d.id, d.object, d.event, d.status, d.attempts, d.next_attempt_at, d.finished_at, d.worker,
+       d.last_error,
+       array_to_string(ARRAY(SELECT p || '=' || coalesce(v, 'NULL')
+                               FROM unnest(o.id_params, d.ids) AS u(p, v)), '&') AS record,
+       CASE WHEN t.id IS NULL THEN NULL WHEN NOT t.enabled THEN 'disabled' WHEN t.paused THEN 'paused'
+            ELSE 'active' END AS url_state
+  FROM crm_bridge.delivery d
+  JOIN crm_bridge.object_type o ON o.object = d.object
+  LEFT JOIN crm_bridge.crm_trigger t ON t.id = d.trigger_id
+ WHERE (%(trigger_id)s::bigint IS NULL OR d.trigger_id = %(trigger_id)s)
+   AND (%(url)s::text IS NULL OR d.url = %(url)s OR t.url = %(url)s)
+   AND (%(object)s::text IS NULL OR d.object = %(object)s)
+   AND (%(since)s::timestamptz IS NULL OR d.event_created_at >= %(since)s)
+   AND (%(until)s::timestamptz IS NULL OR d.event_created_at < %(until)s)
+   AND (%(ids)s::bigint[] IS NULL OR d.id = ANY (%(ids)s))
+   AND (%(record)s::text[] IS NULL OR d.ids = %(record)s)
+ ORDER BY d.id DESC LIMIT %(limit)s;
+
+-- name: trigger_by_id
+-- Is there a configured URL with this id?
+SELECT id FROM crm_bridge.crm_trigger WHERE id = %(id)s;
+
+-- name: trigger_by_url
+-- Is there a configured URL that is exactly this?
+SELECT id FROM crm_bridge.crm_trigger WHERE url = %(url)s LIMIT 1;
+
+-- name: trigger_list
+-- Configured URLs, for "no URL matched" messages.
+SELECT id, object, event, url FROM crm_bridge.crm_trigger ORDER BY id LIMIT %(limit)s;
 
 -- ---------------------------------------------------------------------------------------------
 -- Operations: `crm-bridge status`, `crm-bridge check`, the daemon's STATUS= line and metrics.

@@ -248,14 +248,16 @@ def daemon(daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
 
 # -- security: database roles ----------------------------------------------------------------
 class Roles:
-    """Login roles for one test: a CRM application role and members of the two crm-bridge groups."""
+    """Login roles for one test: a CRM application role and members of the three crm-bridge groups."""
 
     def __init__(self, dsn: str, suffix: str) -> None:
         self.admin_group = f"crmb_admin_{suffix}"
         self.daemon_group = f"crmb_daemon_{suffix}"
+        self.monitor_group = f"crmb_monitor_{suffix}"
         self.app = f"crm_app_{suffix}"
         self.admin = f"crmb_admin_login_{suffix}"
         self.daemon = f"crmb_daemon_login_{suffix}"
+        self.monitor = f"crmb_monitor_login_{suffix}"
         self._dsn = dsn
 
     def dsn(self, role: str) -> str:
@@ -266,16 +268,18 @@ class Roles:
 
     @property
     def all(self) -> list[str]:
-        return [self.app, self.admin, self.daemon, self.admin_group, self.daemon_group]
+        return [self.app, self.admin, self.daemon, self.monitor, self.admin_group, self.daemon_group,
+                self.monitor_group]
 
 
 @pytest.fixture
 def roles(db: DB) -> Iterator[Roles]:
-    """`migrate --roles` groups (unique names) plus LOGIN roles: app (CRM rights only), admin, daemon."""
+    """`migrate --roles` groups (unique names) plus LOGIN roles: app (CRM rights only), admin, daemon, monitor."""
     r = Roles(db.dsn, f"{os.getpid()}_{next(_counter)}")
     sql = psycopg.sql
-    db.execute("SELECT crm_bridge.apply_grants(%s, %s)", [r.admin_group, r.daemon_group])
-    for login, group in ((r.app, None), (r.admin, r.admin_group), (r.daemon, r.daemon_group)):
+    db.execute("SELECT crm_bridge.apply_grants(%s, %s, %s)", [r.admin_group, r.daemon_group, r.monitor_group])
+    for login, group in ((r.app, None), (r.admin, r.admin_group), (r.daemon, r.daemon_group),
+                         (r.monitor, r.monitor_group)):
         db.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'test-only-password'").format(sql.Identifier(login)))
         if group:
             db.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(login)))

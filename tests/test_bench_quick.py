@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_bench_quick_runs_every_phase_and_reports_every_goal(tmp_path):
     results = tmp_path / "RESULTS.md"
     env = {k: v for k, v in os.environ.items() if k != "CRM_BRIDGE_DSN"}

@@ -234,15 +234,38 @@ def test_admin_cannot_run_code_as_the_owner_or_read_secrets_through_any_shadow(d
 
 
 def test_daemon_cannot_run_code_as_the_owner_through_any_shadow(db, roles, crm, attacker_for):
-    db.execute(sql.SQL("GRANT EXECUTE ON FUNCTION crm_bridge.daemon_enter_idle(float8), "
-                       "crm_bridge.daemon_leave_idle() TO {}").format(sql.Identifier(roles.daemon_group)))
+    db.execute("INSERT INTO crm_bridge.crm_trigger (object, event, url, method, include_row, coalesce_edits) "
+               "VALUES ('case', 'edit', 'http://127.0.0.1:9/e', 'POST', true, true)")
+    db.execute("INSERT INTO crm_bridge.crm_trigger (object, event, url, ordered) "
+               "VALUES ('case', 'create', 'http://127.0.0.1:9/o', true)")
+    db.execute("INSERT INTO crm.customer (account_id, name) SELECT 'd' || g, 'n' FROM generate_series(1, 3) g")
+    db.execute("INSERT INTO crm.case (case_id, account_id, subject) VALUES ('c1', 'd1', 's')")
+    db.execute("UPDATE crm.case SET subject = 't'")
+    db.execute("UPDATE crm.case SET subject = 'u'")
     atk = attacker_for(roles.daemon)
     with roles.connect(roles.daemon) as daemon:
         atk.arm(daemon)
         daemon.execute("SELECT pg_catalog.pg_advisory_lock(1668441442, 1)")
         daemon.execute("SELECT crm_bridge.daemon_enter_idle(5)")
         daemon.execute("SELECT crm_bridge.daemon_leave_idle()")
+        # Every write path of migration 0007, with shadows armed: dispatch (bulk and one-row
+        # events, rows, coalescing), claims, outcomes, heartbeats, release, recovery, retention.
+        lease, w, busy = "interval '30 s'", "'w/1'", "'{}'::bigint[], '{}'::int[]"
+        daemon.execute(f"SELECT * FROM crm_bridge.daemon_dispatch(100, 65536, {lease}, {w}, {busy}, 32, NULL)")
+        daemon.execute(f"SELECT * FROM crm_bridge.daemon_claim_due(100, {lease}, {w}, {busy}, 32)")
+        daemon.execute("SELECT crm_bridge.daemon_heartbeat('w/1', '{1,2,3}', interval '30 s')")
+        daemon.execute("SELECT crm_bridge.daemon_complete('w/1', '{1,2}', '{delivered,pending}', '{1,1}', "
+                       "'{200,500}', '{NULL,x}', '{0,5}', '{1,1}')")
+        daemon.execute("SELECT crm_bridge.daemon_dead_letter('w/1', 3, 'x')")
+        daemon.execute("SELECT * FROM crm_bridge.daemon_outbox_head(10)")
+        daemon.execute("SELECT crm_bridge.daemon_quarantine_event(-1, 'x')")
+        daemon.execute("SELECT crm_bridge.daemon_release('w/1')")
+        daemon.execute("SELECT crm_bridge.daemon_release_previous('w', 'w/2')")
+        daemon.execute("SELECT crm_bridge.daemon_recover_expired()")
+        daemon.execute("SELECT crm_bridge.daemon_cancel_orphans()")
+        daemon.execute("SELECT crm_bridge.daemon_retention(interval '0', 100)")
     atk.assert_never_ran_as_anyone_else()
+    assert db.one("SELECT count(*) FROM crm_bridge.event") == 0  # the dispatch did run
 
 
 def test_generated_capture_function_ignores_the_writers_search_path(db, roles, crm, attacker_for):

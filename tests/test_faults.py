@@ -89,6 +89,7 @@ def test_postgres_restart_mid_burst_recovers_by_itself(daemon_factory, receiver)
         assert daemon.stop() == 0
 
 
+@pytest.mark.slow
 def test_two_daemons_share_a_burst_without_duplicates(db, receiver, daemon_factory):
     n = 2000
     db.add_url("customer", "create", receiver.url("/shared"))
@@ -258,6 +259,7 @@ def test_sigterm_waits_for_in_flight_calls(db, receiver, daemon):
     assert db.one("SELECT status FROM crm_bridge.delivery") == "delivered"
 
 
+@pytest.mark.slow
 def test_sigterm_grace_over_releases_unfinished_calls(db, receiver, daemon_factory):
     receiver.answer("/stuck", Rule(delay=20))
     db.add_url("customer", "create", receiver.url("/stuck"))
@@ -272,6 +274,7 @@ def test_sigterm_grace_over_releases_unfinished_calls(db, receiver, daemon_facto
     assert "releasing 1 unfinished deliveries" in daemon.log
 
 
+@pytest.mark.slow
 def test_writes_continue_while_the_daemon_is_killed(db, receiver, daemon_factory):
     """Writers never depend on the daemon: kill it while a writer is busy; the writer never fails."""
     db.add_url("customer", "create", receiver.url("/w"))

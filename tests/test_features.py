@@ -75,6 +75,7 @@ def test_only_columns_is_rejected_for_non_edit_events(db):
         db.add_url("case", "create", "http://127.0.0.1:9/x", only_columns=["status"])
 
 
+@pytest.mark.slow
 def test_ordered_url_keeps_commit_order_per_record_and_isolates_failures(db, receiver, daemon):
     # Record A's first call fails twice, with a 2 s backoff; B must flow meanwhile, A's later
     # edits must wait for A's first call.

@@ -56,6 +56,8 @@ def test_app_role_writes_crm_rows_and_the_events_appear(db, roles):
     "SELECT crm_bridge.attach('crm.customer', 'customer', ARRAY['account_id'])",
     "SELECT crm_bridge.detach('crm.customer')",
     "SELECT crm_bridge.apply_grants('a', 'b')",
+    "SELECT crm_bridge.apply_grants('a', 'b', 'c')",
+    "SELECT crm_bridge.retry_now()",
 ])
 def test_app_role_cannot_read_change_or_call_anything_in_crm_bridge(roles, query):
     with roles.connect(roles.app) as app:
@@ -136,10 +138,6 @@ def test_daemon_connected_as_the_daemon_role_does_its_whole_job(db, roles, recei
                                                    finished_at)
                   VALUES (0, 'customer', 'create', ARRAY['old'], '{old}', now(), 'unrouted',
                           now() - interval '30 days')""")
-    # Wake-up state (0004): granted here until apply_grants() lists crm_bridge.daemon_* (integration).
-    db.execute(psycopg.sql.SQL("GRANT EXECUTE ON FUNCTION crm_bridge.daemon_enter_idle(float8), "
-                               "crm_bridge.daemon_leave_idle() TO {}")
-               .format(psycopg.sql.Identifier(roles.daemon_group)))
     d = daemon_factory(target_dsn=roles.dsn(roles.daemon))
     db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('as-daemon', 'x')")
     receiver.wait_for(1, "/flaky")
@@ -154,28 +152,37 @@ def test_daemon_connected_as_the_daemon_role_does_its_whole_job(db, roles, recei
 
 
 def test_migrate_roles_creates_nologin_groups_and_reapplies_them(empty_dsn):
-    admin, daemon = f"crmb_cli_admin_{id(empty_dsn)}", f"crmb_cli_daemon_{id(empty_dsn)}"
+    suffix = id(empty_dsn)
+    admin, daemon, monitor = f"crmb_cli_admin_{suffix}", f"crmb_cli_daemon_{suffix}", f"crmb_cli_monitor_{suffix}"
     cmd = [sys.executable, "-m", "bridge.cli", "--dsn", empty_dsn, "migrate"]
     try:
-        out = subprocess.run([*cmd, "--roles", "--admin-role", admin, "--daemon-role", daemon],
-                             capture_output=True, text=True, check=True).stdout
-        assert f"roles: admin {admin}, daemon {daemon}" in out
+        out = subprocess.run([*cmd, "--roles", "--admin-role", admin, "--daemon-role", daemon,
+                              "--monitor-role", monitor], capture_output=True, text=True, check=True).stdout
+        assert f"roles: admin {admin}, daemon {daemon}, monitor {monitor}" in out
         again = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        assert "up to date" in again and f"roles: admin {admin}" in again
+        assert "up to date" in again and f"roles: admin {admin}, daemon {daemon}, monitor {monitor}" in again
         with psycopg.connect(empty_dsn, autocommit=True) as conn:
-            rows = conn.execute("SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname IN (%s, %s) ORDER BY 1",
-                                [admin, daemon]).fetchall()
-            assert rows == [(admin, False), (daemon, False)]
+            rows = conn.execute("SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname IN (%s, %s, %s) ORDER BY 1",
+                                [admin, daemon, monitor]).fetchall()
+            assert rows == [(admin, False), (daemon, False), (monitor, False)]
             assert conn.execute("SELECT has_table_privilege(%s, 'crm_bridge.crm_trigger', 'UPDATE'), "
-                                "has_table_privilege(%s, 'crm_bridge.crm_trigger', 'UPDATE')",
-                                [admin, daemon]).fetchone() == (True, False)
+                                "has_table_privilege(%s, 'crm_bridge.crm_trigger', 'UPDATE'), "
+                                "has_table_privilege(%s, 'crm_bridge.summary', 'SELECT')",
+                                [admin, daemon, monitor]).fetchone() == (True, False, True)
             with pytest.raises(errors.InvalidParameterValue, match="is a superuser"):
-                conn.execute("SELECT crm_bridge.apply_grants(current_user, %s)", [daemon])
+                conn.execute("SELECT crm_bridge.apply_grants(current_user, %s, %s)", [daemon, monitor])
+            # A database set up before the monitor role (version 3 recorded two roles) gets the
+            # default monitor role on the next migrate.
+            conn.execute("DELETE FROM crm_bridge.role_name WHERE kind = 'monitor'")
+            conn.execute("DROP ROLE IF EXISTS crm_bridge_monitor")
+        upgraded = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        assert f"roles: admin {admin}, daemon {daemon}, monitor crm_bridge_monitor" in upgraded
     finally:
         with psycopg.connect(empty_dsn, autocommit=True) as conn:
-            for role in (admin, daemon):
-                conn.execute(psycopg.sql.SQL("DROP OWNED BY {} CASCADE").format(psycopg.sql.Identifier(role)))
-                conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(role)))
+            for role in (admin, daemon, monitor, "crm_bridge_monitor"):
+                if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone():
+                    conn.execute(psycopg.sql.SQL("DROP OWNED BY {} CASCADE").format(psycopg.sql.Identifier(role)))
+                    conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(role)))
 
 
 def test_admin_role_attaches_a_table_it_may_trigger_and_app_writes_are_captured(db, roles):

@@ -43,7 +43,8 @@ def busy_queue(db, receiver, daemon_factory):
 
 def test_status_json_reports_backlog_queue_and_last_outcomes_per_url(db, busy_queue):
     proc = cli(db.dsn, "status", "--json")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr        # a dead letter: attention needed
+    assert "1 dead letter(s)" in proc.stderr
     assert "hunter2" not in proc.stdout and "s3cret" not in proc.stdout
     data = json.loads(proc.stdout)
     s = data["summary"]
@@ -81,7 +82,7 @@ def test_status_numbers_are_the_views_numbers(db, busy_queue):
 
 def test_status_table_for_people(db, busy_queue):
     proc = cli(db.dsn, "status")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr        # a dead letter: attention needed
     out = proc.stdout
     assert "hunter2" not in out and "s3cret" not in out
     assert "outbox: 3 events waiting" in out
@@ -99,7 +100,7 @@ def test_status_table_for_people(db, busy_queue):
 
 def test_status_on_a_database_without_crm_bridge_says_run_migrate(empty_dsn):
     proc = cli(empty_dsn, "status")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "crm_bridge is not installed in database" in proc.stderr
     assert "run `crm-bridge migrate`" in proc.stderr
 

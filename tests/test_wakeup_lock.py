@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from psycopg import errors, sql
+from psycopg import errors
 
 LOCK = (1668441442, 1)
 
 
 @pytest.fixture
-def daemon_grants(db, roles):
-    # The integrator adds daemon_* to apply_grants(); until then the test grants them itself.
-    db.execute(sql.SQL("GRANT EXECUTE ON FUNCTION crm_bridge.daemon_enter_idle(float8), "
-                       "crm_bridge.daemon_leave_idle() TO {}").format(sql.Identifier(roles.daemon_group)))
+def daemon_grants(roles):
+    """The daemon login: apply_grants() gives it every crm_bridge.daemon_* function."""
     return roles
 
 

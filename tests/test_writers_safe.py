@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import psycopg
+import pytest
 
 from bridge.receiver import Rule
 
@@ -81,6 +82,7 @@ def test_all_ids_null_is_one_clear_error(db, receiver, daemon):
     assert db.one("SELECT last_error FROM crm_bridge.delivery") == "ID AccountID, CaseID is NULL in the captured row"
 
 
+@pytest.mark.slow
 def test_writes_never_wait_for_the_daemon_idle_killed_or_absent(db, receiver, daemon_factory):
     db.add_url("customer", "create", receiver.url("/c"))
     d = daemon_factory()
