@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import anyio
 import psycopg
 
+from .redact import safe_text, scrub
 from .settings import DEFAULT_CONFIG, Settings, SettingsError, config_path, db_error_text
 
 log = logging.getLogger("crm_bridge")
@@ -73,8 +74,11 @@ def describe_target(dsn: str) -> str:
             value = given.get("hostaddr") or defaults.get("hostaddr") or "(the default unix socket)"
         if key == "dbname" and not value:
             value = given.get("user") or defaults.get("user") or ""
+        if key == "port" and not value.isdigit():
+            # A password pasted into the wrong field must not be echoed: a port is digits.
+            value = "(not a number)"
         parts.append(f"{key}={value}")
-    return " ".join(parts)
+    return safe_text(scrub(" ".join(parts)), 500)
 
 
 def _where(args: argparse.Namespace) -> str:

@@ -110,7 +110,7 @@ def test_status_before_the_views_migration_says_run_migrate(db):
                "crm_bridge.url_queue, crm_bridge.backlog")
     db.execute("DELETE FROM crm_bridge.schema_version WHERE version = 2")
     proc = cli(db.dsn, "status")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert f"schema version {latest_version()} has no status views" in proc.stderr
     assert "crm-bridge migrate" in proc.stderr
 
