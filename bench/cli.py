@@ -11,6 +11,7 @@ import datetime
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Report:
     report.facts = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m bench " + shlex.join(argv),
+        "commit measured": code_version(),
         "mode": "quick (small sizes; goals reported, not enforced)" if args.quick else "full",
         **machine_facts(),
         "PostgreSQL": f"{db.pg_version} ({db.server})",
@@ -110,6 +112,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> Report:
         "duration": f"{time.monotonic() - started:.0f} s",
     }
     return report
+
+
+def code_version() -> str:
+    """The commit the measured code is at, and whether the work tree differed from it: a figure
+    is current only for the code it was measured on."""
+    top = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(top), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(top), "status", "--porcelain", "--untracked-files=no",
+                                "--", "bridge", "sql", "bench"], capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return f"{head} (with uncommitted changes to bridge/, sql/ or bench/)" if dirty else head
 
 
 PREFACE = [
