@@ -18,6 +18,39 @@
 -- * crm_trigger.retry_schedule is range-checked.
 
 -- ---------------------------------------------------------------------------------------------
+-- The capture functions run as crm_bridge_capture, a NOLOGIN role that may only add rows to the
+-- outbox.  They are SECURITY DEFINER (writers need no right on crm_bridge), and code a table's
+-- owner can attach to its column types (a CREATE CAST to json or text, used by to_json() and by
+-- ::text) runs inside them: as the schema owner that code had every right of the owner (often a
+-- superuser); as crm_bridge_capture it can only write events.
+-- ---------------------------------------------------------------------------------------------
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'crm_bridge_capture') THEN
+        BEGIN
+            CREATE ROLE crm_bridge_capture NOLOGIN;
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE EXCEPTION 'crm-bridge needs a role crm_bridge_capture, and % may not create roles', current_user
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = pg_catalog.format('as a superuser: CREATE ROLE crm_bridge_capture NOLOGIN; '
+                                               'GRANT crm_bridge_capture TO %I; then run crm-bridge migrate again',
+                                               current_user);
+        END;
+    END IF;
+    -- The owner hands the capture functions to that role, so it must be able to act as it.
+    IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user)
+       AND NOT pg_catalog.pg_has_role(current_user, 'crm_bridge_capture', 'USAGE') THEN
+        EXECUTE pg_catalog.format('GRANT crm_bridge_capture TO %I', current_user);
+    END IF;
+END
+$roles$;
+ALTER ROLE crm_bridge_capture NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS;
+COMMENT ON ROLE crm_bridge_capture IS
+    'crm-bridge: owns the capture trigger functions; may only INSERT into crm_bridge.event';
+GRANT USAGE ON SCHEMA crm_bridge TO crm_bridge_capture;
+GRANT INSERT ON crm_bridge.event TO crm_bridge_capture;
+
+-- ---------------------------------------------------------------------------------------------
 -- Wake-up state.  UNLOGGED: it is meaningless after a crash (and the lock it accompanies is gone).
 -- ---------------------------------------------------------------------------------------------
 CREATE UNLOGGED TABLE crm_bridge.wake_state (
@@ -27,6 +60,7 @@ CREATE UNLOGGED TABLE crm_bridge.wake_state (
 );
 INSERT INTO crm_bridge.wake_state (id) VALUES (1);
 REVOKE ALL ON crm_bridge.wake_state FROM PUBLIC;
+GRANT SELECT ON crm_bridge.wake_state TO crm_bridge_capture;
 COMMENT ON TABLE crm_bridge.wake_state IS
     'Set by the idle daemon (daemon_enter_idle) while it holds the wake-up lock: writers NOTIFY only then';
 
@@ -73,6 +107,10 @@ COMMENT ON FUNCTION crm_bridge.daemon_leave_idle() IS 'Daemon only: stop asking 
 -- ---------------------------------------------------------------------------------------------
 -- The generic row-level capture function (edit events; create/delete on partitioned tables).
 -- ---------------------------------------------------------------------------------------------
+-- Captured rows are json: jsonb refuses \u0000 and lone surrogates that a json column accepts, and
+-- a CRM write must not fail over them (the daemon passes the text on as it is).
+ALTER TABLE crm_bridge.event ALTER COLUMN rows TYPE pg_catalog.json USING rows::pg_catalog.json;
+
 CREATE OR REPLACE FUNCTION crm_bridge.emit_v1() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -85,30 +123,45 @@ DECLARE
     changed   pg_catalog.text[];
     i         pg_catalog.int4;
     n_ids     pg_catalog.int4 := TG_NARGS - 1;
-    rows      pg_catalog.jsonb;
+    rows      pg_catalog.json;
 BEGIN
-    IF TG_OP = 'DELETE' THEN
-        r := pg_catalog.to_jsonb(OLD);
-    ELSE
-        r := pg_catalog.to_jsonb(NEW);
-    END IF;
     -- A last argument '+rows' (attach(): capture_rows) asks for the row(s) themselves too.
     IF TG_ARGV[TG_NARGS - 1] = '+rows' THEN
         n_ids := TG_NARGS - 2;
     END IF;
-    FOR i IN 1 .. n_ids LOOP
-        id_values := id_values || (r ->> TG_ARGV[i]);
-    END LOOP;
-    IF TG_OP = 'UPDATE' THEN
-        o := pg_catalog.to_jsonb(OLD);
-        SELECT pg_catalog.array_agg(n.key ORDER BY n.key) INTO changed
-          FROM pg_catalog.jsonb_each(r) n WHERE n.value IS DISTINCT FROM o -> n.key;
-    END IF;
+    BEGIN
+        IF TG_OP = 'DELETE' THEN
+            r := pg_catalog.to_jsonb(OLD);
+        ELSE
+            r := pg_catalog.to_jsonb(NEW);
+        END IF;
+        FOR i IN 1 .. n_ids LOOP
+            id_values := id_values || (r OPERATOR(pg_catalog.->>) TG_ARGV[i]);
+        END LOOP;
+        IF TG_OP = 'UPDATE' THEN
+            o := pg_catalog.to_jsonb(OLD);
+            SELECT pg_catalog.array_agg(n.key ORDER BY n.key) INTO changed
+              FROM pg_catalog.jsonb_each(r) n WHERE n.value IS DISTINCT FROM o OPERATOR(pg_catalog.->) n.key;
+        END IF;
+    EXCEPTION WHEN data_exception OR program_limit_exceeded THEN
+        -- A value jsonb refuses though its column type accepts it (a json column holding \u0000 or
+        -- a lone surrogate; a row over jsonb's size limit): the CRM write must not fail.  The IDs
+        -- are read from the record itself; which columns changed is unknown (NULL: every
+        -- only_columns filter lets the edit through).
+        EXECUTE (SELECT pg_catalog.format('SELECT ARRAY[%s]::pg_catalog.text[]',
+                                          pg_catalog.string_agg(pg_catalog.format('($1).%I::pg_catalog.text', a.col),
+                                                                ', ' ORDER BY a.n))
+                   FROM pg_catalog.unnest(TG_ARGV[1:n_ids]) WITH ORDINALITY AS a(col, n))
+           INTO id_values USING CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+        changed := NULL;
+    END;
     IF n_ids < TG_NARGS - 1 THEN
-        rows := pg_catalog.jsonb_build_array(
-            CASE TG_OP WHEN 'INSERT' THEN pg_catalog.jsonb_build_object('new', r)
-                       WHEN 'UPDATE' THEN pg_catalog.jsonb_build_object('old', o, 'new', r)
-                       ELSE pg_catalog.jsonb_build_object('old', r) END);
+        -- json, not jsonb: it takes every value a json column holds, as it is.
+        rows := pg_catalog.json_build_array(
+            CASE TG_OP WHEN 'INSERT' THEN pg_catalog.json_build_object('new', pg_catalog.to_json(NEW))
+                       WHEN 'UPDATE' THEN pg_catalog.json_build_object('old', pg_catalog.to_json(OLD),
+                                                                       'new', pg_catalog.to_json(NEW))
+                       ELSE pg_catalog.json_build_object('old', pg_catalog.to_json(OLD)) END);
     END IF;
     INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin, changed, rows)
     VALUES (TG_ARGV[0],
@@ -125,6 +178,7 @@ BEGIN
     RETURN NULL;
 END
 $$;
+ALTER FUNCTION crm_bridge.emit_v1() OWNER TO crm_bridge_capture;
 
 -- ---------------------------------------------------------------------------------------------
 -- Helpers of attach(): no SECURITY DEFINER themselves, but they run inside one, so they pin
@@ -168,13 +222,14 @@ SET search_path = pg_catalog, crm_bridge, pg_temp
 AS $gen$
 DECLARE
     small_ids pg_catalog.text;
-    chunk_ids pg_catalog.text;
+    chunk_ids pg_catalog.text;   -- the same expressions, evaluated in the chunking subquery
     json_ids  pg_catalog.text;
-    rows_of   pg_catalog.text := 'pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(%L, pg_catalog.to_jsonb(%s))%s)';
+    rows_of   pg_catalog.text := 'pg_catalog.json_agg(pg_catalog.json_build_object(%L, pg_catalog.to_json(%s))%s)';
+    rows_chunk pg_catalog.text := 'pg_catalog.json_agg(pg_catalog.json_build_object(%L, c.j) ORDER BY c.k)';
 BEGIN
     SELECT pg_catalog.string_agg(pg_catalog.format('r.%I::pg_catalog.text', u.c), ', ' ORDER BY u.o),
-           pg_catalog.string_agg(pg_catalog.format('(c.r).%I::pg_catalog.text', u.c), ', ' ORDER BY u.o),
-           pg_catalog.string_agg(pg_catalog.format('pg_catalog.to_jsonb(c.r) OPERATOR(pg_catalog.->>) %L', u.c),
+           pg_catalog.string_agg(pg_catalog.format('r.%I::pg_catalog.text', u.c), ', ' ORDER BY u.o),
+           pg_catalog.string_agg(pg_catalog.format('pg_catalog.to_json(r.*) OPERATOR(pg_catalog.->>) %L', u.c),
                                  ', ' ORDER BY u.o)
       INTO small_ids, chunk_ids, json_ids
       FROM pg_catalog.unnest(id_columns) WITH ORDINALITY AS u(c, o);
@@ -236,15 +291,17 @@ BEGIN
     ELSIF ids_ok THEN
         IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
             INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin, rows)
-            SELECT %4$L, 'create', pg_catalog.array_agg(ARRAY[%6$s] ORDER BY c.k), SESSION_USER,
+            SELECT %4$L, 'create', pg_catalog.array_agg(c.ids ORDER BY c.k), SESSION_USER,
                    pg_catalog.current_setting('crm_bridge.origin', true), %10$s
-              FROM (SELECT r, pg_catalog.row_number() OVER () AS k FROM new_rows r) c
+              FROM (SELECT ARRAY[%6$s] AS ids, %12$s AS j, pg_catalog.row_number() OVER () AS k
+                      FROM new_rows r) c
              GROUP BY (c.k OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 ORDER BY pg_catalog.min(c.k);
         ELSE
             INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin, rows)
-            SELECT %4$L, 'delete', pg_catalog.array_agg(ARRAY[%6$s] ORDER BY c.k), SESSION_USER,
+            SELECT %4$L, 'delete', pg_catalog.array_agg(c.ids ORDER BY c.k), SESSION_USER,
                    pg_catalog.current_setting('crm_bridge.origin', true), %11$s
-              FROM (SELECT r, pg_catalog.row_number() OVER () AS k FROM old_rows r) c
+              FROM (SELECT ARRAY[%6$s] AS ids, %12$s AS j, pg_catalog.row_number() OVER () AS k
+                      FROM old_rows r) c
              GROUP BY (c.k OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 ORDER BY pg_catalog.min(c.k);
         END IF;
     ELSE
@@ -252,15 +309,15 @@ BEGIN
         -- reports the NULL IDs) rather than fail the CRM write.
         IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
             INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin)
-            SELECT %4$L, 'create', pg_catalog.array_agg(ARRAY[%7$s] ORDER BY c.k), SESSION_USER,
+            SELECT %4$L, 'create', pg_catalog.array_agg(c.ids ORDER BY c.k), SESSION_USER,
                    pg_catalog.current_setting('crm_bridge.origin', true)
-              FROM (SELECT r, pg_catalog.row_number() OVER () AS k FROM new_rows r) c
+              FROM (SELECT ARRAY[%7$s] AS ids, pg_catalog.row_number() OVER () AS k FROM new_rows r) c
              GROUP BY (c.k OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 ORDER BY pg_catalog.min(c.k);
         ELSE
             INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin)
-            SELECT %4$L, 'delete', pg_catalog.array_agg(ARRAY[%7$s] ORDER BY c.k), SESSION_USER,
+            SELECT %4$L, 'delete', pg_catalog.array_agg(c.ids ORDER BY c.k), SESSION_USER,
                    pg_catalog.current_setting('crm_bridge.origin', true)
-              FROM (SELECT r, pg_catalog.row_number() OVER () AS k FROM old_rows r) c
+              FROM (SELECT ARRAY[%7$s] AS ids, pg_catalog.row_number() OVER () AS k FROM old_rows r) c
              GROUP BY (c.k OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 ORDER BY pg_catalog.min(c.k);
         END IF;
     END IF;
@@ -276,10 +333,12 @@ END
 $body$;
 $src$, crm_bridge.emit_rows_name_v1(tbl), id_columns, pg_catalog.cardinality(id_columns), object,
     small_ids, chunk_ids, json_ids,
-    CASE WHEN capture_rows THEN pg_catalog.format(rows_of, 'new', 'r', '') ELSE 'NULL' END,
-    CASE WHEN capture_rows THEN pg_catalog.format(rows_of, 'old', 'r', '') ELSE 'NULL' END,
-    CASE WHEN capture_rows THEN pg_catalog.format(rows_of, 'new', 'c.r', ' ORDER BY c.k') ELSE 'NULL' END,
-    CASE WHEN capture_rows THEN pg_catalog.format(rows_of, 'old', 'c.r', ' ORDER BY c.k') ELSE 'NULL' END);
+    -- r.* (not r) is the whole row even when the table has a column named r
+    CASE WHEN capture_rows THEN pg_catalog.format(rows_of, 'new', 'r.*', '') ELSE 'NULL' END,
+    CASE WHEN capture_rows THEN pg_catalog.format(rows_of, 'old', 'r.*', '') ELSE 'NULL' END,
+    CASE WHEN capture_rows THEN pg_catalog.format(rows_chunk, 'new') ELSE 'NULL' END,
+    CASE WHEN capture_rows THEN pg_catalog.format(rows_chunk, 'old') ELSE 'NULL' END,
+    CASE WHEN capture_rows THEN 'pg_catalog.to_json(r.*)' ELSE 'NULL::pg_catalog.json' END);
 END
 $gen$;
 
@@ -384,6 +443,9 @@ BEGIN
         EXECUTE crm_bridge.emit_rows_source_v1(tbl, object, id_columns, rows);
         -- Only ever called as a trigger: nobody needs EXECUTE on it.
         EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION crm_bridge.%I() FROM PUBLIC', crm_bridge.emit_rows_name_v1(tbl));
+        -- Runs as crm_bridge_capture, which may only write the outbox (see the top of this file).
+        EXECUTE pg_catalog.format('ALTER FUNCTION crm_bridge.%I() OWNER TO crm_bridge_capture',
+                                  crm_bridge.emit_rows_name_v1(tbl));
     END IF;
     IF 'create' = ANY (evs) THEN
         IF per_row THEN

@@ -103,8 +103,8 @@ BEGIN
                               pg_catalog.array_agg(u.v ORDER BY u.n) AS ids
                          FROM pg_catalog.unnest(ev.ids) WITH ORDINALITY AS u(v, n)
                         GROUP BY 1) g
-                 LEFT JOIN pg_catalog.jsonb_array_elements(
-                                CASE WHEN pg_catalog.jsonb_typeof(ev.rows) = 'array' THEN ev.rows END)
+                 LEFT JOIN pg_catalog.json_array_elements(
+                                CASE WHEN pg_catalog.json_typeof(ev.rows) = 'array' THEN ev.rows END)
                            WITH ORDINALITY AS j(value, n) ON j.n = g.rec_no) x
          WHERE ev.ndims = 2
     ), keyed AS (
@@ -155,7 +155,9 @@ BEGIN
                     WHEN r.coalesce_edits AND r.event = 'edit' AND r.row_data IS NOT NULL
                     THEN pg_catalog.jsonb_build_object('old', r.row_data OPERATOR(pg_catalog.->) 'old',
                                                        'new', r.last_row OPERATOR(pg_catalog.->) 'new')
-                    ELSE r.row_data END AS send_row
+                    -- json -> jsonb fails for \u0000 (which json allows): that event alone is then
+                    -- dead-lettered by the daemon's isolation, with the reason
+                    ELSE r.row_data::pg_catalog.jsonb END AS send_row
           FROM routed r
     ), refreshed AS (
         -- Edits folded into a call queued by an earlier dispatch: that call now sends the newest row.
