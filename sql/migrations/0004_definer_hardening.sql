@@ -700,6 +700,9 @@ REVOKE ALL ON FUNCTION crm_bridge.table_ident_v1(regclass) FROM PUBLIC;
 -- row-level triggers on partitioned tables).  A table that cannot be re-attached (an ID column
 -- dropped, a name with a control character, ...) keeps its old triggers and is reported here and
 -- by `crm-bridge check`; the migration itself does not fail for it.
+-- Only tables that carry the bridge's capture triggers now are re-attached: before this version
+-- the admin role could INSERT attachment rows, and a row naming a table that attach() never
+-- captured (one the admin has no rights on) must not make this migration capture it.
 -- ---------------------------------------------------------------------------------------------
 DO $$
 DECLARE
@@ -708,6 +711,19 @@ BEGIN
     FOR a IN SELECT * FROM crm_bridge.attachment ORDER BY attached_at LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = a.table_name::pg_catalog.oid) THEN
             CONTINUE;  -- dropped table: `crm-bridge check` reports it
+        END IF;
+        -- The table's own crm_bridge_emit_* triggers, every one running a crm_bridge function.
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                        WHERE t.tgrelid OPERATOR(pg_catalog.=) a.table_name::pg_catalog.oid
+                          AND t.tgname IN ('crm_bridge_emit_create', 'crm_bridge_emit_delete', 'crm_bridge_emit_edit'))
+           OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                        JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) t.tgfoid
+                       WHERE t.tgrelid OPERATOR(pg_catalog.=) a.table_name::pg_catalog.oid
+                         AND t.tgname IN ('crm_bridge_emit_create', 'crm_bridge_emit_delete', 'crm_bridge_emit_edit')
+                         AND p.pronamespace OPERATOR(pg_catalog.<>) 'crm_bridge'::pg_catalog.regnamespace) THEN
+            RAISE WARNING 'crm-bridge: % not re-attached: it does not carry crm-bridge''s capture triggers (its crm_bridge.attachment row was not written by attach()); run crm_bridge.attach() for it if it should be captured, else delete that row',
+                a.table_name;
+            CONTINUE;
         END IF;
         BEGIN
             PERFORM crm_bridge.install_capture_v1(a.table_name, a.object, a.id_columns, a.capture_rows);

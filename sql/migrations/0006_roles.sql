@@ -4,7 +4,9 @@
 --   and (re)grants them from scratch (`crm-bridge migrate --roles`, or psql).  The names are
 --   recorded in crm_bridge.role_name; `crm-bridge migrate` re-applies them after every migration.
 --     admin    edits the configuration (crm_trigger, attach/detach, signing secrets), reads
---              everything but the signing secrets, replays/purges dead letters, retry_now()
+--              everything but the signing secrets, replays/purges dead letters, retry_now().
+--              It writes crm_bridge.attachment only through attach/detach/capture_rows, and may
+--              execute no trigger function (CREATE TRIGGER with emit_v1 would forge events).
 --     daemon   what `crm-bridge run` needs: config and secrets, the queue tables, the status views
 --              (STATUS= line, metrics gauges) and every crm_bridge.daemon_* function
 --     monitor  read-only: the status views and the schema version (`crm-bridge status`,
@@ -66,10 +68,12 @@ AS $$
 DECLARE
     r      name;
     f      pg_catalog.regprocedure;
+    -- Only what an admin calls.  Never a trigger function (emit_v1, crm_trigger_validate_v1, ...):
+    -- a trigger fires without EXECUTE, and EXECUTE is exactly what CREATE TRIGGER needs, so with it
+    -- an admin could put emit_v1 on a table of its own and forge events.  redact_url: the views.
     admin_functions CONSTANT text[] := ARRAY[
         'set_signing_secret', 'clear_signing_secret', 'signed_urls', 'attach', 'detach',
-        'capture_rows', 'emit_v1', 'crm_trigger_validate_v1', 'crm_trigger_validate_call_v1',
-        'dead_letters', 'replay', 'purge', 'retry_now', 'age_of'];
+        'capture_rows', 'dead_letters', 'replay', 'purge', 'retry_now', 'age_of', 'redact_url'];
     status_views CONSTANT text[] := ARRAY['summary', 'backlog', 'url_queue', 'url_status', 'dead_letter'];
     daemon_views CONSTANT text[] := ARRAY['summary', 'backlog', 'url_queue'];
 BEGIN
@@ -110,10 +114,13 @@ BEGIN
     EXECUTE pg_catalog.format('GRANT INSERT, UPDATE, DELETE ON crm_bridge.crm_trigger TO %I', admin_role);
     EXECUTE pg_catalog.format('GRANT UPDATE, DELETE ON crm_bridge.delivery TO %I', admin_role);
     EXECUTE pg_catalog.format('GRANT DELETE ON crm_bridge.attempt TO %I', admin_role);
-    EXECUTE pg_catalog.format('GRANT INSERT, DELETE ON crm_bridge.attachment TO %I', admin_role);
+    -- No INSERT/DELETE on attachment: attach/detach/capture_rows write it as the owner after
+    -- checking the caller's TRIGGER privilege; a row written by hand would make a later re-attach
+    -- capture a table the admin has no rights on.
     FOR f IN SELECT p.oid::pg_catalog.regprocedure FROM pg_catalog.pg_proc p
               WHERE p.pronamespace = 'crm_bridge'::pg_catalog.regnamespace
-                AND p.proname::text = ANY (admin_functions) LOOP
+                AND p.proname::text = ANY (admin_functions)
+                AND p.prorettype <> 'pg_catalog.trigger'::pg_catalog.regtype LOOP
         EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', f, admin_role);
     END LOOP;
 
@@ -128,18 +135,21 @@ BEGIN
     END LOOP;
     FOR f IN SELECT p.oid::pg_catalog.regprocedure FROM pg_catalog.pg_proc p
               WHERE p.pronamespace = 'crm_bridge'::pg_catalog.regnamespace
-                AND (p.proname::text LIKE 'daemon\_%' OR p.proname = 'age_of') LOOP
+                AND (p.proname::text LIKE 'daemon\_%' OR p.proname IN ('age_of', 'redact_url'))
+                AND p.prorettype <> 'pg_catalog.trigger'::pg_catalog.regtype LOOP
         EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', f, daemon_role);
     END LOOP;
 
     -- monitor: the status views (they run with their owner's rights on the tables; functions
-    -- they call are checked against the caller, hence age_of) and the schema version.
+    -- they call are checked against the caller, hence age_of and redact_url, migration 0009)
+    -- and the schema version.
     FOREACH r IN ARRAY status_views LOOP
         EXECUTE pg_catalog.format('GRANT SELECT ON crm_bridge.%I TO %I', r, monitor_role);
     END LOOP;
     EXECUTE pg_catalog.format('GRANT SELECT ON crm_bridge.schema_version TO %I', monitor_role);
     FOR f IN SELECT p.oid::pg_catalog.regprocedure FROM pg_catalog.pg_proc p
-              WHERE p.pronamespace = 'crm_bridge'::pg_catalog.regnamespace AND p.proname = 'age_of' LOOP
+              WHERE p.pronamespace = 'crm_bridge'::pg_catalog.regnamespace
+                AND p.proname IN ('age_of', 'redact_url') LOOP
         EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', f, monitor_role);
     END LOOP;
 
