@@ -6,10 +6,16 @@ letter with a reason (outside review, finding 3)."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
+
+from bridge.calls import CallConfigError, build_call
+from bridge.deliver import Delivery
 
 DEEP = 3000
 BIG = "1" + "0" * 5000
@@ -113,3 +119,43 @@ def test_a_claimed_row_python_cannot_hold_is_a_dead_letter_not_a_stall(db, recei
     reason = db.one("SELECT last_error FROM crm_bridge.delivery WHERE ids = '{d2}'")
     assert "event_created_at" in reason, reason
     assert daemon.running
+
+
+# -- the body, without a daemon ---------------------------------------------------------------------
+NO_NUL = st.characters(codec="utf-8", exclude_categories=["Cs"], exclude_characters="\x00")
+values = st.recursive(st.none() | st.booleans() | st.integers(-10**30, 10**30) | st.text(NO_NUL, max_size=40),
+                      lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(NO_NUL, max_size=8),
+                                                                                   inner, max_size=4),
+                      max_leaves=20)
+
+
+def delivery(row: object) -> Delivery:
+    return Delivery(id=1, event_id=7, object="customer", event="edit", ids=["a"],
+                    event_created_at=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), status="in_flight",
+                    attempts=0, trigger_id=1, url="https://crm.example/hook", timeout_ms=None, max_attempts=None,
+                    retry_schedule=None, max_in_flight=None, id_params=["AccountID"], method="POST", row=row)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(new=st.dictionaries(st.text(NO_NUL, max_size=10), values, max_size=6), old=st.none() | values)
+def test_the_spliced_row_is_byte_for_byte_the_body_parsing_it_gave(db, new, old):
+    """For every row Python could parse, the body is what json.loads + json.dumps made of it before."""
+    pg_text = db.one("SELECT (CASE WHEN %(old)s::jsonb IS NULL THEN jsonb_build_object('new', %(new)s::jsonb) "
+                     "ELSE jsonb_build_object('old', %(old)s::jsonb, 'new', %(new)s::jsonb) END)::text",
+                     {"new": Jsonb(new), "old": None if old is None else Jsonb(old)})
+    d = delivery(pg_text)
+    before = json.dumps({"object": "customer", "event": "edit", "ids": {"AccountID": "a"},
+                         "occurred_at": "2026-01-02T03:04:05.678901Z", "event_id": 7, **json.loads(pg_text)},
+                        ensure_ascii=False, separators=(",", ":")).encode()
+    assert build_call(d).body == before
+
+
+def test_a_row_changed_by_hand_into_something_else_is_refused_with_a_reason():
+    for row, why in (('[1, 2]', "not a JSON object"), ('"x"', "not a JSON object"),
+                     ('{"new": {}, "event_id": 9}', "repeats the body's own member 'event_id'")):
+        with pytest.raises(CallConfigError, match=why):
+            build_call(delivery(row))
+    for empty in ("{}", "null", None):
+        assert json.loads(build_call(delivery(empty)).body)["event_id"] == 7
+    # A nested member named like the envelope is the row's business.
+    assert json.loads(build_call(delivery('{"new": {"event_id": 9}}')).body)["new"] == {"event_id": 9}
