@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import anyio
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +17,8 @@ from psycopg.types.json import Jsonb
 
 from bridge.calls import CallConfigError, build_call
 from bridge.deliver import Delivery
+from bridge.dispatch import Daemon
+from bridge.settings import Settings
 
 DEEP = 3000
 BIG = "1" + "0" * 5000
@@ -159,3 +162,38 @@ def test_a_row_changed_by_hand_into_something_else_is_refused_with_a_reason():
         assert json.loads(build_call(delivery(empty)).body)["event_id"] == 7
     # A nested member named like the envelope is the row's business.
     assert json.loads(build_call(delivery('{"new": {"event_id": 9}}')).body)["new"] == {"event_id": 9}
+
+
+def test_an_unexpected_error_in_the_main_loop_is_logged_scrubbed_and_retried(caplog, monkeypatch):
+    daemon = Daemon(Settings())
+    calls: list[int] = []
+    pauses: list[float] = []
+
+    async def step(tg) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("odd data; dsn host=db password=hunter2-secret")
+        daemon.stop()
+
+    async def pause(seconds: float) -> None:
+        pauses.append(seconds)
+
+    monkeypatch.setattr(daemon, "_step", step)
+    monkeypatch.setattr(daemon, "_sleep_or_stop", pause)
+    anyio.run(daemon._main_loop, None)
+    assert len(calls) == 2 and pauses == [2.0]  # backed off, then went on
+    text = caplog.text
+    assert "unexpected error in the main loop" in text and "RuntimeError" in text
+    assert "hunter2" not in text
+
+
+def test_cancellation_still_ends_the_main_loop(monkeypatch):
+    daemon = Daemon(Settings())
+
+    async def step(tg) -> None:
+        raise anyio.get_cancelled_exc_class()()
+
+    monkeypatch.setattr(daemon, "_step", step)
+    with pytest.raises(BaseException) as caught:
+        anyio.run(daemon._main_loop, None)
+    assert not isinstance(caught.value, Exception)
