@@ -70,8 +70,23 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(mac).decode("ascii")
 
 
+def _parse_headers(raw: object, trigger_id: int | None) -> object:
+    """``crm_trigger.headers`` as the daemon receives it (text) parsed, per delivery: JSON a parser
+    cannot take (nested thousands deep, a number of thousands of digits) makes this URL's calls
+    dead letters, never the daemon's fetch fail."""
+    if not isinstance(raw, str | bytes):
+        return raw  # already parsed (or None)
+    try:
+        return json.loads(raw)
+    except Exception as exc:
+        raise CallConfigError(f"crm_trigger {trigger_id}: headers cannot be read as JSON "
+                              f"({type(exc).__name__}); set them again as a JSON object of "
+                              '{"Name": "value"}') from None
+
+
 def static_headers(raw: object, trigger_id: int | None) -> list[tuple[str, str]]:
     """``crm_trigger.headers`` as a list; messages name the header but never print its value."""
+    raw = _parse_headers(raw, trigger_id)
     if raw is None:
         return []
     where = f"crm_trigger {trigger_id}"
@@ -113,11 +128,65 @@ def url_secrets(url: str) -> list[str]:
 def call_secrets(d: Delivery) -> tuple[str, ...]:
     """Every configured value that must never appear in an error message or a log line."""
     out = url_secrets(d.url or "")
-    if isinstance(d.headers, dict):
-        out += [v for v in d.headers.values() if isinstance(v, str) and len(v) >= MIN_SECRET_LEN]
+    try:
+        headers = _parse_headers(d.headers, d.trigger_id)
+    except CallConfigError:
+        headers = None  # build_call refuses them with that reason; nothing is sent
+    if isinstance(headers, dict):
+        out += [v for v in headers.values() if isinstance(v, str) and len(v) >= MIN_SECRET_LEN]
     if d.signing_secret:
         out += [d.signing_secret, d.signing_secret.removeprefix("whsec_")]
     return tuple(out)
+
+
+# A JSON string (PostgreSQL escapes '"', '\\' and control characters in it) or JSON whitespace.
+_JSON_STRING_OR_BLANK = re.compile(r'("[^"\\]*(?:\\.[^"\\]*)*")|[ \t\n\r]+', re.DOTALL)
+# The body's own members: a row must not repeat them (a receiver would read one or the other).
+ENVELOPE = ("object", "event", "ids", "occurred_at", "event_id")
+
+
+def compact_json(text: str) -> str:
+    """JSON text without the blanks between tokens (PostgreSQL writes ``{"a": 1, "b": 2}``), in one
+    linear pass that never parses: nesting depth and number sizes do not matter."""
+    return _JSON_STRING_OR_BLANK.sub(lambda m: m.group(1) or "", text)
+
+
+def _top_level_keys(compact: str) -> list[str]:
+    """The member names of a compact JSON object (as they are written, escapes included)."""
+    keys, depth = [], 0
+    for m in re.finditer(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]', compact):
+        tok = m.group(0)
+        if tok[0] in "{[":
+            depth += 1
+        elif tok[0] in "}]":
+            depth -= 1
+        elif depth == 1 and compact.startswith(":", m.end()):
+            keys.append(tok[1:-1])
+    return keys
+
+
+def row_members(d: Delivery) -> str:
+    """The captured row's members (``"new":{…}`` / ``"old":{…}`` / both) as JSON text, spliced into
+    the body as PostgreSQL wrote them: never parsed, so no depth, number size or precision is lost
+    or can fail.  Empty when the row is absent or empty."""
+    raw = d.row
+    if raw is None:
+        return ""
+    if not isinstance(raw, str):  # a parsed row (older callers, tests)
+        if not isinstance(raw, dict):
+            raise CallConfigError(f"delivery {d.id}: the captured row is not a JSON object")
+        raw = json.dumps(raw, ensure_ascii=False, separators=(",", ":"))
+    text = compact_json(raw)
+    if text in ("null", "{}"):
+        return ""
+    if not (text.startswith("{") and text.endswith("}")):
+        raise CallConfigError(f"delivery {d.id}: the captured row is not a JSON object "
+                              "(the row column was changed by hand?)")
+    clash = sorted(set(_top_level_keys(text)) & set(ENVELOPE))
+    if clash:
+        raise CallConfigError(f"delivery {d.id}: the captured row repeats the body's own "
+                              f"member {clash[0]!r} (the row column was changed by hand?)")
+    return text[1:-1]
 
 
 def json_body(d: Delivery) -> bytes:
@@ -125,9 +194,11 @@ def json_body(d: Delivery) -> bytes:
     occurred = d.event_created_at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     doc = {"object": d.object, "event": d.event, "ids": dict(zip(d.id_params, d.ids, strict=True)),
            "occurred_at": occurred, "event_id": d.event_id}
-    if d.row:  # include_row: the captured row(s), {"new": …} / {"old": …} / both
-        doc.update(d.row)
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    envelope = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    members = row_members(d)  # include_row: the captured row(s), {"new": …} / {"old": …} / both
+    if members:
+        envelope = f"{envelope[:-1]},{members}}}"
+    return envelope.encode()
 
 
 def build_call(d: Delivery, *, now: float | None = None) -> Call:

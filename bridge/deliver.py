@@ -55,14 +55,25 @@ class Delivery:
     ordered: bool = False
     # Per-URL call shape (migration 0003); defaults keep rows from older queries loadable.
     method: str | None = None
-    headers: Any = None                     # crm_trigger.headers (jsonb): {"Name": "value"}
+    # crm_trigger.headers as JSON text ({"Name": "value"}), parsed per call (calls.static_headers).
+    headers: Any = None
     follow_redirects: bool | None = None
     signing_secret: str | None = field(default=None, repr=False)
-    row: Any = field(default=None, repr=False)  # {"new"/"old": captured row}, for include_row URLs
+    # {"new"/"old": captured row} as PostgreSQL's JSON text, for include_row URLs: never parsed,
+    # spliced into the POST body as is (calls.row_members).
+    row: Any = field(default=None, repr=False)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Delivery:
-        return cls(**row)
+        """A claimed row as a Delivery; raises ValueError (or TypeError) for a row the daemon cannot
+        work with, which then becomes a dead letter with that reason (dispatch.Daemon._spawn)."""
+        d = cls(**row)
+        if not isinstance(d.id, int) or not isinstance(d.trigger_id, int):
+            raise ValueError("the claimed row has no delivery id or URL id")
+        if not isinstance(d.event_created_at, datetime):
+            raise ValueError("its event_created_at is outside the years the daemon can handle (2 to 9998); "
+                             "was it changed by hand?")
+        return d
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ import math
 import random
 import secrets
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -30,9 +31,11 @@ from anyio.abc import TaskGroup
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from .calls import call_secrets
 from .deliver import Delivery, Outcome, RetryPolicy, attempt
 from .http import client_for
 from .listen import CHANNEL, CONNECT_KWARGS, Listener
+from .redact import safe_text, scrub
 from .settings import Settings
 from .sqlfiles import Q
 
@@ -44,6 +47,8 @@ RETENTION_BATCH = 5000
 BULK_BYTES = 64 * 1024
 # Longest back-off after a database error that is not a lost connection (a bug, a DBA's trigger).
 MAX_ERROR_BACKOFF = 30.0
+# Longest dead-letter reason the daemon writes for a row it could not take.
+MAX_REASON_LEN = 500
 
 
 def _db_error(exc: BaseException) -> str:
@@ -210,6 +215,14 @@ class Daemon:
                 log.error("database error in the main loop: %s; retrying in %.0f s", _db_error(exc), error_backoff)
                 await self._sleep_or_stop(error_backoff)
                 backoff = error_backoff
+            except Exception as exc:
+                # Last resort: a bug or data nobody foresaw must not end the daemon.  Cancellation
+                # (a BaseException) still propagates.
+                error_backoff = min(max(backoff, 1.0) * 2, MAX_ERROR_BACKOFF)
+                log.error("unexpected error in the main loop; retrying in %.0f s: %s", error_backoff,
+                          safe_text(scrub("".join(traceback.format_exception(exc))), 4000, keep="\t\n"))
+                await self._sleep_or_stop(error_backoff)
+                backoff = error_backoff
 
     async def _connect_listener(self) -> None:
         await self._listener.connect()
@@ -338,7 +351,7 @@ class Daemon:
             events, pending = rows[0]["n_events"], rows[0]["n_pending"]
             self.stats.unrouted += rows[0]["n_unrouted"]
             rows = [{k: v for k, v in r.items() if not k.startswith("n_")} for r in rows if r["id"] is not None]
-            self._spawn(tg, rows)
+            await self._spawn(conn, tg, rows)
             due = []
             if pending or time.monotonic() >= self._next_due:
                 params = self._claim_params(max(min(self.s.batch_size, self._max_held() - self._held), 0))
@@ -350,7 +363,7 @@ class Daemon:
                     await cur.execute(Q.claim_due, {k: v for k, v in params.items()
                                                     if k not in ("bulk_bytes", "only")})
                     due = await cur.fetchall()
-                    self._spawn(tg, due)
+                    await self._spawn(conn, tg, due)
                     self._waiting_hint = bool(due or pending)
                     if len(due) >= params["batch"]:
                         self._next_due = 0.0  # a full batch: there is probably more
@@ -359,10 +372,15 @@ class Daemon:
                       events, len(rows), pending, len(due), self._held)
         return bool(events or due)
 
-    def _spawn(self, tg: TaskGroup, rows: list[dict]) -> None:
-        """Start a task per claimed delivery."""
+    async def _spawn(self, conn: psycopg.AsyncConnection, tg: TaskGroup, rows: list[dict]) -> None:
+        """Start a task per claimed delivery.  A row that cannot become a Delivery (whatever a CRM
+        writer or an admin put in it) is a dead letter with the reason; the others go ahead."""
         for row in rows:
-            d = Delivery.from_row(row)
+            try:
+                d = Delivery.from_row(row)
+            except Exception as exc:
+                await self._dead_letter_claimed(conn, row.get("id"), f"{type(exc).__name__}: {exc}")
+                continue
             assert d.trigger_id is not None
             self._held += 1
             self._held_ids.add(d.id)
@@ -370,9 +388,28 @@ class Daemon:
             self._url_limit[d.trigger_id] = d.max_in_flight or self.s.max_in_flight_per_url
             tg.start_soon(self._deliver, d)
 
+    async def _dead_letter_claimed(self, conn: psycopg.AsyncConnection, delivery_id: object, error: str) -> None:
+        reason = safe_text(scrub(f"the claimed delivery cannot be sent: {error}"), MAX_REASON_LEN)
+        self.stats.dead += 1
+        if not isinstance(delivery_id, int):
+            log.error("a claimed row without a delivery id was skipped (its lease will expire): %s", reason)
+            return
+        log.error("delivery %d is dead: %s", delivery_id, reason)
+        try:
+            await conn.execute(Q.dead_letter_outcome, {"worker": self.worker, "id": delivery_id, "error": reason})
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            log.error("delivery %d: dead-lettering it failed too (%s): its lease will expire", delivery_id,
+                      _db_error(exc))
+
     async def _deliver(self, d: Delivery) -> None:
         assert self._client is not None
-        outcome = await attempt(self._client, self.policy, d, self.s)
+        try:
+            outcome = await attempt(self._client, self.policy, d, self.s)
+        except Exception as exc:  # attempt() never raises; if it ever did, one dead letter, not a dead daemon
+            outcome = Outcome("dead", error=safe_text(scrub(f"unexpected error: {type(exc).__name__}: {exc}",
+                                                            call_secrets(d)), MAX_REASON_LEN))
         if self._on_outcome:
             self._on_outcome(d, outcome)
         if outcome.status == "delivered":

@@ -38,12 +38,27 @@ $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- What a claimed delivery looks like to the daemon (dispatch and claim_due return the same).
+-- headers and "row" come as text, not jsonb: the daemon never parses the row (it splices its
+-- text into the POST body as is), and parses headers per delivery; a value psycopg's JSON loader
+-- cannot decode (nested 3000 deep, a numeric of 5000 digits) would otherwise fail the whole fetch.
+-- event_created_at is NULL when Python's datetime cannot hold it (an admin's 'infinity'): that
+-- delivery becomes a dead letter instead of failing the fetch of its batch.
 -- ---------------------------------------------------------------------------------------------
+-- A time as the daemon receives it: NULL outside the years Python's datetime holds (with a margin
+-- for time zones), so that one odd value cannot fail the fetch of a whole batch.
+CREATE FUNCTION crm_bridge.loadable_time(t timestamptz) RETURNS timestamptz
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, crm_bridge, pg_temp
+AS $$
+    SELECT CASE WHEN t OPERATOR(pg_catalog.>) '0002-01-01 00:00:00+00'::timestamptz
+                 AND t OPERATOR(pg_catalog.<) '9999-01-01 00:00:00+00'::timestamptz THEN t END
+$$;
+
 CREATE TYPE crm_bridge.claimed AS (
     id bigint, event_id bigint, object text, event text, ids text[], event_created_at timestamptz,
     status text, attempts integer, trigger_id bigint, url text, timeout_ms integer, max_attempts integer,
     retry_schedule float8[], max_in_flight integer, id_params text[], ordered boolean, method text,
-    headers jsonb, follow_redirects boolean, signing_secret text, "row" jsonb);
+    headers text, follow_redirects boolean, signing_secret text, "row" text);
 -- dispatch: the same, after three counts (on every row; one row with NULL delivery fields when
 -- nothing was claimed).
 CREATE TYPE crm_bridge.dispatched AS (
@@ -51,7 +66,7 @@ CREATE TYPE crm_bridge.dispatched AS (
     id bigint, event_id bigint, object text, event text, ids text[], event_created_at timestamptz,
     status text, attempts integer, trigger_id bigint, url text, timeout_ms integer, max_attempts integer,
     retry_schedule float8[], max_in_flight integer, id_params text[], ordered boolean, method text,
-    headers jsonb, follow_redirects boolean, signing_secret text, "row" jsonb);
+    headers text, follow_redirects boolean, signing_secret text, "row" text);
 
 -- ---------------------------------------------------------------------------------------------
 -- dispatch: move outbox events into one delivery per interested URL, claim the sendable ones.
@@ -197,12 +212,12 @@ BEGIN
     SELECT c.n_events, c.n_pending, c.n_unrouted, x.*
       FROM counts c
       LEFT JOIN (
-          SELECT i.id, i.event_id, i.object, i.event, i.ids, i.event_created_at, i.status, i.attempts,
-                 t.id AS trigger_id, t.url, t.timeout_ms, t.max_attempts,
+          SELECT i.id, i.event_id, i.object, i.event, i.ids, crm_bridge.loadable_time(i.event_created_at),
+                 i.status, i.attempts, t.id AS trigger_id, t.url, t.timeout_ms, t.max_attempts,
                  crm_bridge.retry_seconds(t.retry_schedule) AS retry_schedule,
-                 t.max_in_flight, o.id_params, i.ordered, t.method, t.headers, t.follow_redirects,
+                 t.max_in_flight, o.id_params, i.ordered, t.method, t.headers::text AS headers, t.follow_redirects,
                  (SELECT s.secret FROM crm_bridge.signing_secret s WHERE s.trigger_id = t.id) AS signing_secret,
-                 i."row"
+                 i."row"::text AS "row"
             FROM ins i
             JOIN crm_bridge.crm_trigger t ON t.id = i.trigger_id
             JOIN crm_bridge.object_type o ON o.object = i.object
@@ -284,11 +299,12 @@ BEGIN
                 WHERE pt.enabled AND NOT pt.paused
                 LIMIT p_batch))
        AND t.id = d.trigger_id AND o.object = d.object
-    RETURNING d.id, d.event_id, d.object, d.event, d.ids, d.event_created_at, d.status, d.attempts,
-              t.id, t.url, t.timeout_ms, t.max_attempts, crm_bridge.retry_seconds(t.retry_schedule),
-              t.max_in_flight, o.id_params, d.ordered, t.method, t.headers, t.follow_redirects,
+    RETURNING d.id, d.event_id, d.object, d.event, d.ids, crm_bridge.loadable_time(d.event_created_at),
+              d.status, d.attempts, t.id, t.url, t.timeout_ms, t.max_attempts,
+              crm_bridge.retry_seconds(t.retry_schedule), t.max_in_flight, o.id_params, d.ordered, t.method,
+              t.headers::text, t.follow_redirects,
               (SELECT s.secret FROM crm_bridge.signing_secret s WHERE s.trigger_id = t.id),
-              d."row";
+              d."row"::text;
 END
 $fn$;
 
