@@ -16,6 +16,10 @@
 -- * Coalesced edits of URLs with include_row send the newest row (old: before the first folded
 --   edit, new: after the last).
 
+-- Rows travel as json end to end (capture: migration 0004): jsonb refuses values a json column
+-- holds (\u0000, lone surrogates), and the daemon sends the text as it is anyway.
+ALTER TABLE crm_bridge.delivery ALTER COLUMN "row" TYPE pg_catalog.json USING "row"::pg_catalog.json;
+
 UPDATE crm_bridge.delivery SET record_key = md5(record_key)
  WHERE status IN ('pending', 'in_flight') AND left(record_key, 1) = '{';
 COMMENT ON COLUMN crm_bridge.delivery.record_key IS
@@ -104,7 +108,7 @@ BEGIN
                   pg_catalog.array_ndims(e.ids) AS ndims, pg_catalog.array_length(e.ids, 2) AS width
     ), rec AS (
         -- One row per record.  Statement-level captures hold a 2-D ids array (one row per
-        -- record) and a jsonb array of rows aligned with it: expanded once, in linear time.
+        -- record) and a json array of rows aligned with it: expanded once, in linear time.
         SELECT ev.id, ev.object, ev.event, ev.created_at, ev.origin_role, ev.origin, ev.changed,
                1::bigint AS rec_no, ev.ids, ev.rows OPERATOR(pg_catalog.->) 0 AS row_data
           FROM ev WHERE ev.ndims IS DISTINCT FROM 2
@@ -168,17 +172,16 @@ BEGIN
                -- include_row: a coalescing URL's call carries the newest row of the record.
                CASE WHEN NOT coalesce(r.include_row, false) THEN NULL
                     WHEN r.coalesce_edits AND r.event = 'edit' AND r.row_data IS NOT NULL
-                    THEN pg_catalog.jsonb_build_object('old', r.row_data OPERATOR(pg_catalog.->) 'old',
-                                                       'new', r.last_row OPERATOR(pg_catalog.->) 'new')
-                    -- json -> jsonb fails for \u0000 (which json allows): that event alone is then
+                    THEN pg_catalog.json_build_object('old', r.row_data OPERATOR(pg_catalog.->) 'old',
+                                                      'new', r.last_row OPERATOR(pg_catalog.->) 'new')
                     -- dead-lettered by the daemon's isolation, with the reason
-                    ELSE r.row_data::pg_catalog.jsonb END AS send_row
+                    ELSE r.row_data END AS send_row
           FROM routed r
     ), refreshed AS (
         -- Edits folded into a call queued by an earlier dispatch: that call now sends the newest row.
         UPDATE crm_bridge.delivery y
-           SET "row" = pg_catalog.jsonb_build_object('old', y."row" OPERATOR(pg_catalog.->) 'old',
-                                                     'new', c.last_row OPERATOR(pg_catalog.->) 'new'),
+           SET "row" = pg_catalog.json_build_object('old', y."row" OPERATOR(pg_catalog.->) 'old',
+                                                    'new', c.last_row OPERATOR(pg_catalog.->) 'new'),
                updated_at = now()
           FROM (SELECT DISTINCT ON (d.trigger_id, d.record_key) d.trigger_id, d.record_key, d.last_row
                   FROM decided d
