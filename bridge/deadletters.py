@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from .redact import redact_url, scrub
+from .redact import redact_url, safe_text, scrub
 from .sqlfiles import Q
 
 BATCH = 1000
@@ -165,7 +165,7 @@ def _print_sample(conn: psycopg.Connection, filters: dict[str, Any], action: str
                       (last[:57] + "…") if len(last) > 58 else (last or "-"), redact_url(r["url"] or "(URL deleted)")))
     head = "DUE" if action == "retry-now" else "DIED"
     for line in _table(["ID", "OBJECT/EVENT", "RECORD", "ATTEMPTS", head, "LAST ERROR", "URL"], table, right={0, 3}):
-        print(line)
+        print(safe_text(line))  # error texts, IDs and worker names come from the database
     if total > SAMPLE:
         print(f"  … and {total - SAMPLE} more")
 
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace, dsn: str, action: str) -> int:
             print(":" if _has_filter(filters) else ".")
             if _has_filter(filters):
                 for line in _why_nothing(conn, filters, action):
-                    print(f"  {line}")
+                    print(f"  {safe_text(line)}")
             return 0
         if args.dry_run:
             print(f"{total} {noun} would be {done_verb}:")

@@ -130,3 +130,15 @@ def test_raw_text_from_the_database_is_printed_safely(db, busy_queue):
     assert "evil \\x1b[2J\\x1b]0;title\\x07 \\x9b31m end" in outputs[0].stdout
     assert json.loads(outputs[1].stdout)["urls"][1]["last_failure_error"].startswith("evil \\x1b[2J")
     assert "\\x1b[31m" in outputs[0].stdout and "/paused\\x1b[31m is paused" in outputs[2].stdout
+
+
+def test_replay_and_retry_now_print_database_text_safely(db, busy_queue):
+    """Issue 10, item 5: the dry-run tables and the "why nothing matched" lines print error texts,
+    record IDs and worker names from the database: none may carry an escape sequence."""
+    db.execute("UPDATE crm_bridge.delivery SET last_error = e'evil \\x1b[2J end', ids = e'{\"acc\\x1b]0;t\\x07\"}' "
+               "WHERE status IN ('dead', 'pending')")
+    outputs = [cli(db.dsn, "replay", "--dry-run", "--all"), cli(db.dsn, "retry-now", "--dry-run", "--all"),
+               cli(db.dsn, "replay", "--dry-run", "--url", str(busy_queue["paused"]))]
+    for proc in outputs:
+        assert "\x1b" not in proc.stdout + proc.stderr and "\x07" not in proc.stdout + proc.stderr, proc.stdout
+    assert "\\x1b[2J" in outputs[0].stdout
