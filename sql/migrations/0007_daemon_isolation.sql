@@ -385,18 +385,15 @@ $$;
 -- Leases.
 -- ---------------------------------------------------------------------------------------------
 CREATE FUNCTION crm_bridge.daemon_heartbeat(p_worker text, p_ids bigint[], p_lease interval) RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE sql
 SECURITY DEFINER
 SET search_path = pg_catalog, crm_bridge, pg_temp
 AS $$
-DECLARE
-    n bigint;
-BEGIN
-    UPDATE crm_bridge.delivery d SET lease_until = now() + p_lease
-     WHERE d.id = ANY (p_ids) AND d.status = 'in_flight' AND d.worker = p_worker;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
+    WITH changed AS (
+        UPDATE crm_bridge.delivery d SET lease_until = now() + p_lease
+         WHERE d.id = ANY (p_ids) AND d.status = 'in_flight' AND d.worker = p_worker
+        RETURNING 1)
+    SELECT pg_catalog.count(*) FROM changed
 $$;
 COMMENT ON FUNCTION crm_bridge.daemon_heartbeat(text, bigint[], interval) IS
     'Daemon only: extend the leases of exactly the deliveries this process holds';
@@ -404,89 +401,74 @@ COMMENT ON FUNCTION crm_bridge.daemon_heartbeat(text, bigint[], interval) IS
 -- At start-up: what an earlier process of the same worker name (same host and pid: a restarted
 -- container) still holds goes back to the queue now, instead of waiting for its lease.
 CREATE FUNCTION crm_bridge.daemon_release_previous(p_base text, p_worker text) RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE sql
 SECURITY DEFINER
 SET search_path = pg_catalog, crm_bridge, pg_temp
 AS $$
-DECLARE
-    n bigint;
-BEGIN
-    UPDATE crm_bridge.delivery d
-       SET status = 'pending', next_attempt_at = now(), lease_until = NULL, worker = NULL, updated_at = now()
-     WHERE d.status = 'in_flight' AND d.worker <> p_worker
-       AND (d.worker = p_base OR pg_catalog.left(d.worker, pg_catalog.length(p_base) + 1) = p_base || '/');
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
+    WITH changed AS (
+        UPDATE crm_bridge.delivery d
+           SET status = 'pending', next_attempt_at = now(), lease_until = NULL, worker = NULL, updated_at = now()
+         WHERE d.status = 'in_flight' AND d.worker <> p_worker
+           AND (d.worker = p_base OR pg_catalog.left(d.worker, pg_catalog.length(p_base) + 1) = p_base || '/')
+        RETURNING 1)
+    SELECT pg_catalog.count(*) FROM changed
 $$;
 
 CREATE FUNCTION crm_bridge.daemon_release(p_worker text) RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE sql
 SECURITY DEFINER
 SET search_path = pg_catalog, crm_bridge, pg_temp
 AS $$
-DECLARE
-    n bigint;
-BEGIN
-    UPDATE crm_bridge.delivery d
-       SET status = 'pending', next_attempt_at = now(), lease_until = NULL, worker = NULL, updated_at = now()
-     WHERE d.status = 'in_flight' AND d.worker = p_worker;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
+    WITH changed AS (
+        UPDATE crm_bridge.delivery d
+           SET status = 'pending', next_attempt_at = now(), lease_until = NULL, worker = NULL, updated_at = now()
+         WHERE d.status = 'in_flight' AND d.worker = p_worker
+        RETURNING 1)
+    SELECT pg_catalog.count(*) FROM changed
 $$;
 
 CREATE FUNCTION crm_bridge.daemon_recover_expired() RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE sql
 SECURITY DEFINER
 SET search_path = pg_catalog, crm_bridge, pg_temp
 AS $$
-DECLARE
-    n bigint;
-BEGIN
-    UPDATE crm_bridge.delivery d
-       SET status = 'pending', next_attempt_at = now(), lease_until = NULL, worker = NULL, updated_at = now()
-     WHERE d.id = ANY (ARRAY(SELECT x.id FROM crm_bridge.delivery x
-                              WHERE x.status = 'in_flight' AND x.lease_until < now()
-                              LIMIT 10000 FOR UPDATE SKIP LOCKED));
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
+    WITH changed AS (
+        UPDATE crm_bridge.delivery d
+           SET status = 'pending', next_attempt_at = now(), lease_until = NULL, worker = NULL, updated_at = now()
+         WHERE d.id = ANY (ARRAY(SELECT x.id FROM crm_bridge.delivery x
+                                  WHERE x.status = 'in_flight' AND x.lease_until < now()
+                                  LIMIT 10000 FOR UPDATE SKIP LOCKED))
+        RETURNING 1)
+    SELECT pg_catalog.count(*) FROM changed
 $$;
 
 CREATE FUNCTION crm_bridge.daemon_cancel_orphans() RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE sql
 SECURITY DEFINER
 SET search_path = pg_catalog, crm_bridge, pg_temp
 AS $$
-DECLARE
-    n bigint;
-BEGIN
-    UPDATE crm_bridge.delivery d
-       SET status = 'cancelled', finished_at = now(), updated_at = now(), next_attempt_at = NULL
-     WHERE d.status = 'pending' AND d.trigger_id IS NULL;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
+    WITH changed AS (
+        UPDATE crm_bridge.delivery d
+           SET status = 'cancelled', finished_at = now(), updated_at = now(), next_attempt_at = NULL
+         WHERE d.status = 'pending' AND d.trigger_id IS NULL
+        RETURNING 1)
+    SELECT pg_catalog.count(*) FROM changed
 $$;
 
 CREATE FUNCTION crm_bridge.daemon_retention(p_retention interval, p_batch integer) RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE sql
 SECURITY DEFINER
 SET search_path = pg_catalog, crm_bridge, pg_temp
 AS $$
-DECLARE
-    n bigint;
-BEGIN
-    DELETE FROM crm_bridge.delivery d
-     WHERE d.id = ANY (ARRAY(SELECT x.id FROM crm_bridge.delivery x
-                              WHERE x.status IN ('delivered', 'unrouted', 'cancelled', 'coalesced')
-                                AND x.finished_at < now() - p_retention
-                              ORDER BY x.finished_at
-                              LIMIT p_batch));
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
+    WITH changed AS (
+        DELETE FROM crm_bridge.delivery d
+         WHERE d.id = ANY (ARRAY(SELECT x.id FROM crm_bridge.delivery x
+                                  WHERE x.status IN ('delivered', 'unrouted', 'cancelled', 'coalesced')
+                                    AND x.finished_at < now() - p_retention
+                                  ORDER BY x.finished_at
+                                  LIMIT p_batch))
+        RETURNING 1)
+    SELECT pg_catalog.count(*) FROM changed
 $$;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA crm_bridge FROM PUBLIC;
