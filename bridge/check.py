@@ -154,6 +154,14 @@ def check_config(conn: psycopg.Connection, settings: Settings, report: Report) -
         kind = "edit" if row["problem"] == "old-comparison" else "capture"
         report.add("error", f"table {row['table_name']} ({row['object']}): {kind} trigger {row['trigger_name']} "
                             f"{why[row['problem']]}: re-attach it with {row['fix']}")
+    for row in cur.execute(Q.check_capture_code).fetchall():
+        if row["problem"] == "cast":
+            report.add("warn", f"table {row['table_name']} ({row['object']}): {row['detail']}: that function runs "
+                               "inside the capture of every write to the table (as crm_bridge_capture, which may "
+                               "only add events); drop the cast or detach the table (docs/SECURITY.md)")
+        else:
+            report.add("error", f"{row['detail']}: re-attach the tables with crm_bridge.attach() (emit_v1: run its "
+                                "definition from migration 0004 again) and find out who changed it")
     check_hosts(enabled, settings, report)
 
 

@@ -231,6 +231,39 @@ SELECT a.table_name::text AS table_name, a.object, w.name AS trigger_name,
  WHERE g.oid IS NULL OR g.tgenabled IN ('D', 'R')
  ORDER BY 1, 3;
 
+-- name: check_capture_code
+-- What capture cannot guarantee (see docs/SECURITY.md, the capture role):
+--   cast      a column type of an attached table has a user-defined cast to json, jsonb or text;
+--             its function runs inside the capture (as crm_bridge_capture) on every write
+--   function  a capture function is no longer SECURITY DEFINER owned by crm_bridge_capture with
+--             its own settings (only that role, or the schema owner, can have changed it)
+SELECT a.table_name::text AS table_name, a.object, 'cast' AS problem,
+       pg_catalog.format('column %I has type %s, which has a user-defined cast to %s (%s)', att.attname,
+              pg_catalog.format_type(att.atttypid, NULL), pg_catalog.format_type(k.casttarget, NULL),
+              k.castfunc::pg_catalog.regprocedure) AS detail
+  FROM crm_bridge.attachment a
+  JOIN pg_catalog.pg_attribute att ON att.attrelid = a.table_name AND att.attnum > 0 AND NOT att.attisdropped
+  JOIN pg_catalog.pg_type t ON t.oid = att.atttypid
+  JOIN pg_catalog.pg_cast k ON k.castsource IN (t.oid, t.typbasetype, t.typelem) AND k.castmethod = 'f'
+                            AND k.casttarget IN ('pg_catalog.json'::pg_catalog.regtype, 'pg_catalog.jsonb'::pg_catalog.regtype,
+                                                 'pg_catalog.text'::pg_catalog.regtype)
+  JOIN pg_catalog.pg_proc f ON f.oid = k.castfunc
+ WHERE f.pronamespace <> 'pg_catalog'::pg_catalog.regnamespace
+UNION ALL
+SELECT NULL, NULL, 'function',
+       pg_catalog.format('capture function %s is %s', p.oid::pg_catalog.regprocedure,
+              CASE WHEN NOT p.prosecdef THEN 'no longer SECURITY DEFINER (CRM writes to attached tables fail)'
+                   WHEN pg_catalog.pg_get_userbyid(p.proowner) <> 'crm_bridge_capture'
+                   THEN pg_catalog.format('owned by %I, not crm_bridge_capture', pg_catalog.pg_get_userbyid(p.proowner))
+                   ELSE pg_catalog.format('running with changed settings %s', p.proconfig) END)
+  FROM pg_catalog.pg_proc p
+ WHERE p.pronamespace = 'crm_bridge'::pg_catalog.regnamespace
+   AND (p.proname = 'emit_v1' OR p.proname ~ '^emit_rows_[0-9]+_v1$')
+   AND (NOT p.prosecdef OR pg_catalog.pg_get_userbyid(p.proowner) <> 'crm_bridge_capture'
+        OR p.proconfig IS DISTINCT FROM CASE WHEN p.proname = 'emit_v1'
+                                             THEN ARRAY['search_path=pg_catalog, crm_bridge, pg_temp'] END)
+ ORDER BY 3, 1, 4;
+
 -- name: check_capture_form
 -- Attached tables whose capture triggers predate migration 0004 (a re-attach fixes them):
 --   old-comparison  the edit trigger's WHEN needs an equality operator for every column type, so

@@ -3,6 +3,10 @@ write over a value json accepts (outside review after issue 10: casts, \\u0000, 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from psycopg import sql
 
 
@@ -93,3 +97,28 @@ def test_a_column_named_r_is_captured_like_any_other(db):
     assert rows == {"acc": 1, "tid": 0, "r": 7}
     assert db.one("SELECT sum(array_length(ids, 1)) FROM crm_bridge.event") == 1002
     assert db.one("SELECT (rows -> 0 -> 'new' ->> 'r')::int FROM crm_bridge.event ORDER BY id OFFSET 1 LIMIT 1") == 1
+
+
+def _check(dsn: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_BRIDGE_")}
+    return subprocess.run([sys.executable, "-m", "bridge.cli", "--dsn", dsn, "check"],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_check_reports_what_capture_cannot_guarantee(db):
+    """A user-defined cast on a column type of an attached table (a warning), and a capture function
+    someone changed (an error: e.g. made SECURITY INVOKER, which fails every write)."""
+    assert "cast to" not in _check(db.dsn).stdout
+    db.execute("CREATE TYPE public.mood AS ENUM ('ok')")
+    db.execute("CREATE FUNCTION public.mood_json(public.mood) RETURNS json LANGUAGE sql AS $$ SELECT '1'::json $$")
+    db.execute("CREATE CAST (public.mood AS json) WITH FUNCTION public.mood_json(public.mood)")
+    db.execute("ALTER TABLE crm.customer ADD COLUMN m public.mood")
+    fn = db.one("SELECT crm_bridge.emit_rows_name_v1('crm.task')")
+    db.execute(sql.SQL("ALTER FUNCTION crm_bridge.{}() SECURITY INVOKER").format(sql.Identifier(fn)))
+    db.execute("ALTER FUNCTION crm_bridge.emit_v1() SET statement_timeout = 1")
+    proc = _check(db.dsn)
+    assert proc.returncode == 1
+    out = proc.stdout
+    assert "warn   table crm.customer (customer): column m has type mood, which has a user-defined cast to json" in out
+    assert f"error  capture function crm_bridge.{fn}() is no longer SECURITY DEFINER" in out
+    assert "error  capture function crm_bridge.emit_v1() is running with changed settings" in out
