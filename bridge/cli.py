@@ -100,6 +100,22 @@ def _connect_error(args: argparse.Namespace, exc: psycopg.OperationalError) -> s
     return text
 
 
+def _error_message(args: argparse.Namespace, exc: Exception, privilege_hint: str) -> str:
+    """One wording for every command's settings and database errors: what went wrong, where, and
+    what to do; never a password fragment (db_error_text)."""
+    if isinstance(exc, SettingsError):
+        return f"crm-bridge: invalid settings: {db_error_text(exc)}"
+    if isinstance(exc, psycopg.OperationalError):
+        return _connect_error(args, exc)
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return f"crm-bridge: {db_error_text(exc)}\n  {_where(args)}: {privilege_hint}"
+    if isinstance(exc, (psycopg.errors.InvalidSchemaName, psycopg.errors.UndefinedTable,
+                        psycopg.errors.UndefinedFunction)):
+        return (f"crm-bridge: database error: {db_error_text(exc)}\n  {_where(args)}: is crm_bridge installed and "
+                "up to date there? (`crm-bridge migrate`; `crm-bridge check` shows the version)")
+    return f"crm-bridge: database error: {db_error_text(exc)}\n  {_where(args)}"
+
+
 # -- commands ---------------------------------------------------------------------------------
 def _settings_from(args: argparse.Namespace) -> Settings:
     flags = {k: getattr(args, k) for k in ("config", "worker_id", "log_level", "log_format",
@@ -203,21 +219,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         settings = _settings_from(args)
         with psycopg.connect(settings.dsn, connect_timeout=10, application_name="crm-bridge status") as conn:
             data = gather(conn)
-    except SettingsError as exc:
-        print(f"crm-bridge: invalid settings: {exc}", file=sys.stderr)
-        return 2
     except StatusError as exc:
         print(f"crm-bridge: {exc}\n  {_where(args)}", file=sys.stderr)
         return 2
-    except psycopg.OperationalError as exc:
-        print(_connect_error(args, exc), file=sys.stderr)
-        return 2
-    except psycopg.errors.InsufficientPrivilege as exc:
-        print(f"crm-bridge: {db_error_text(exc)}\n  {_where(args)}: connect as a member of crm_bridge_monitor "
-              "or crm_bridge_admin (see docs/OPERATIONS.md#roles)", file=sys.stderr)
-        return 2
-    except psycopg.Error as exc:
-        print(f"crm-bridge: database error: {db_error_text(exc)}\n  {_where(args)}", file=sys.stderr)
+    except (SettingsError, psycopg.Error) as exc:  # status's contract: 2 = no answer, whatever the cause
+        print(_error_message(args, exc, "connect as a member of crm_bridge_monitor or crm_bridge_admin "
+                                        "(see docs/OPERATIONS.md#roles)"), file=sys.stderr)
         return 2
     print(render_json(data) if args.json else render_text(data))
     problems = attention(data, args.max_age)
@@ -351,23 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(args.log_level or os.environ.get("CRM_BRIDGE_LOG_LEVEL", "WARNING"), args.log_format or "text")
     try:
         return COMMANDS[args.command](args)
-    except SettingsError as exc:
-        print(f"crm-bridge: invalid settings: {db_error_text(exc)}", file=sys.stderr)
-        return 2
-    except psycopg.OperationalError as exc:
-        print(_connect_error(args, exc), file=sys.stderr)
-        return 3
-    except psycopg.errors.InsufficientPrivilege as exc:
-        print(f"crm-bridge: {db_error_text(exc)}\n  {_where(args)}: see docs/OPERATIONS.md#roles for the role "
-              "that runs each command", file=sys.stderr)
-        return 4
-    except (psycopg.errors.InvalidSchemaName, psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction) as exc:
-        print(f"crm-bridge: database error: {db_error_text(exc)}\n  {_where(args)}: is crm_bridge installed and "
-              "up to date there? (`crm-bridge migrate`; `crm-bridge check` shows the version)", file=sys.stderr)
-        return 4
-    except psycopg.Error as exc:
-        print(f"crm-bridge: database error: {db_error_text(exc)}\n  {_where(args)}", file=sys.stderr)
-        return 4
+    except (SettingsError, psycopg.Error) as exc:
+        print(_error_message(args, exc, "see docs/OPERATIONS.md#roles for the role that runs each command"),
+              file=sys.stderr)
+        return 2 if isinstance(exc, SettingsError) else 3 if isinstance(exc, psycopg.OperationalError) else 4
 
 
 if __name__ == "__main__":
