@@ -61,8 +61,9 @@ def _db_error(exc: BaseException) -> str:
 
 
 def _storable(text: str | None) -> str | None:
-    """PostgreSQL text cannot hold NUL: the last guard before an error text is written."""
-    return None if text is None else text.replace("\x00", "\\x00")
+    """The last guard before a text is written: storable (no NUL, which PostgreSQL text cannot
+    hold), printable, and within the length the database keeps (daemon_complete: 1000)."""
+    return None if text is None else safe_text(text, 1000)
 
 
 @dataclass
@@ -389,19 +390,27 @@ class Daemon:
             tg.start_soon(self._deliver, d)
 
     async def _dead_letter_claimed(self, conn: psycopg.AsyncConnection, delivery_id: object, error: str) -> None:
-        reason = safe_text(scrub(f"the claimed delivery cannot be sent: {error}"), MAX_REASON_LEN)
         self.stats.dead += 1
+        reason = f"the claimed delivery cannot be sent: {error}"
         if not isinstance(delivery_id, int):
-            log.error("a claimed row without a delivery id was skipped (its lease will expire): %s", reason)
+            log.error("a claimed row without a delivery id was skipped (its lease will expire): %s",
+                      safe_text(scrub(reason), MAX_REASON_LEN))
             return
-        log.error("delivery %d is dead: %s", delivery_id, reason)
+        await self._dead_letter(conn, delivery_id, reason)
+
+    async def _dead_letter(self, conn: psycopg.AsyncConnection, delivery_id: int, reason: str) -> None:
+        """Make a delivery this process holds a dead letter with the reason (scrubbed, bounded); if
+        even that fails its lease expires and it is sent again later."""
+        reason = safe_text(scrub(reason), MAX_REASON_LEN)
         try:
             await conn.execute(Q.dead_letter_outcome, {"worker": self.worker, "id": delivery_id, "error": reason})
         except psycopg.OperationalError:
             raise
         except psycopg.Error as exc:
-            log.error("delivery %d: dead-lettering it failed too (%s): its lease will expire", delivery_id,
-                      _db_error(exc))
+            log.error("delivery %d: %s; dead-lettering it failed too (%s): its lease will expire", delivery_id,
+                      reason, _db_error(exc))
+            return
+        log.error("delivery %d is dead: %s", delivery_id, reason)
 
     async def _deliver(self, d: Delivery) -> None:
         assert self._client is not None
@@ -514,15 +523,7 @@ class Daemon:
         if len(failed) < len(batch):
             self._last_recorded = time.monotonic()
         for d, _, reason in failed:
-            try:
-                await conn.execute(Q.dead_letter_outcome, {"worker": self.worker, "id": d.id,
-                                                           "error": _storable(reason)})
-                log.error("delivery %d is dead: %s", d.id, reason)
-            except psycopg.OperationalError:
-                raise
-            except psycopg.Error as exc:
-                log.error("delivery %d: %s; dead-lettering it failed too (%s): its lease will expire",
-                          d.id, reason, _db_error(exc))
+            await self._dead_letter(conn, d.id, reason)
 
     @staticmethod
     def _recently(when: float) -> bool:
