@@ -27,9 +27,10 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pytest_postgresql.janitor import DatabaseJanitor
 
-from bridge.db import migrate
+from bridge.db import _BOOTSTRAP, migrate
 from bridge.pgserver import TempPostgres
 from bridge.receiver import Receiver
+from bridge.sqlfiles import migrations, reference_crm
 
 TEMPLATE = "crm_bridge_template"
 _counter = itertools.count()
@@ -109,6 +110,17 @@ def empty_dsn(pg_server: Server) -> Iterator[str]:
         yield pg_server.dsn_for(name)
     finally:
         janitor.drop()
+
+
+def install_schema_up_to(conn: psycopg.Connection, version: int) -> None:
+    """crm_bridge as an older release left it: migrations 1..version, recorded, and the reference
+    CRM attached by that release's attach().  For upgrade tests; runs in the caller's transaction."""
+    conn.execute(_BOOTSTRAP)
+    for m in migrations():
+        if m.version <= version:
+            conn.execute(m.text())
+            conn.execute("INSERT INTO crm_bridge.schema_version (version, name) VALUES (%s, %s)", (m.version, m.name))
+    conn.execute(reference_crm())
 
 
 class DB:

@@ -15,7 +15,10 @@ import sys
 
 import psycopg
 import pytest
+from conftest import install_schema_up_to
 from psycopg import errors, sql
+
+from bridge.db import migrate
 
 EVIL_TABLE = "t\nDECLARE z bool := s.f();--"
 
@@ -136,18 +139,9 @@ def test_check_reports_an_edit_trigger_on_the_old_comparison(db):
 
 def test_migration_0004_reattaches_tables_attached_before_it(empty_dsn):
     """Install 0001-0003 and the reference CRM (attached by the old attach()), then migrate."""
-    from bridge.db import _BOOTSTRAP, migrate
-    from bridge.sqlfiles import migrations, reference_crm
-
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         with conn.transaction():
-            conn.execute(_BOOTSTRAP)
-            for m in migrations():
-                if m.version <= 3:
-                    conn.execute(m.text())
-                    conn.execute("INSERT INTO crm_bridge.schema_version (version, name) VALUES (%s, %s)",
-                                 (m.version, m.name))
-            conn.execute(reference_crm())
+            install_schema_up_to(conn, 3)
             conn.execute("ALTER TABLE crm.customer ADD COLUMN j json")
         migrate(conn)
         old = conn.execute("""SELECT a.table_name::text FROM crm_bridge.attachment a

@@ -15,9 +15,11 @@ import os
 
 import psycopg
 import pytest
+from conftest import install_schema_up_to
 from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
+from bridge.db import migrate
 from bridge.redact import redact_url
 
 # -- finding 4: attachment rows and the 0004 re-attach loop -------------------------------------
@@ -55,9 +57,6 @@ def test_migration_0004_does_not_reattach_a_table_without_the_bridge_triggers(em
     """At schema version 3 the admin could INSERT attachment rows: one for a table without any
     trigger, one for a table whose triggers only look like the bridge's.  `migrate` must install
     capture on neither (WARNING naming each), and still re-attach the genuinely attached tables."""
-    from bridge.db import _BOOTSTRAP, migrate
-    from bridge.sqlfiles import migrations, reference_crm
-
     suffix = f"{os.getpid()}"
     admin_group, daemon_group, admin = f"rf_admin_g{suffix}", f"rf_daemon_g{suffix}", f"rf_admin{suffix}"
     warnings: list[str] = []
@@ -65,13 +64,7 @@ def test_migration_0004_does_not_reattach_a_table_without_the_bridge_triggers(em
         conn.add_notice_handler(lambda d: warnings.append(f"{d.severity_nonlocalized}: {d.message_primary}"))
         try:
             with conn.transaction():
-                conn.execute(_BOOTSTRAP)
-                for m in migrations():
-                    if m.version <= 3:
-                        conn.execute(m.text())
-                        conn.execute("INSERT INTO crm_bridge.schema_version (version, name) VALUES (%s, %s)",
-                                     (m.version, m.name))
-                conn.execute(reference_crm())
+                install_schema_up_to(conn, 3)
                 conn.execute("SELECT crm_bridge.apply_grants(%s, %s)", [admin_group, daemon_group])
                 conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'test-only-password' IN ROLE {}")
                              .format(sql.Identifier(admin), sql.Identifier(admin_group)))
