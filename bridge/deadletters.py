@@ -39,12 +39,18 @@ def _common(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--dry-run", action="store_true", help="show what would be done, change nothing")
 
 
-def add_filter_args(p: argparse.ArgumentParser) -> None:
-    """replay / purge: dead letters."""
+def add_filter_args(p: argparse.ArgumentParser, *, delivered: bool = False) -> None:
+    """replay / purge: dead letters (replay: also --delivered)."""
     p.add_argument("--trigger-id", type=int, metavar="ID", help="only dead letters of this crm_trigger row")
     _common(p, "dead letters")
-    p.add_argument("--since", type=_timestamp, help="changes made at or after this time (ISO 8601)")
-    p.add_argument("--until", type=_timestamp, help="changes made before this time (ISO 8601)")
+    p.add_argument("--since", type=_timestamp, help="changes made at or after this time (ISO 8601); with "
+                                                   "--delivered: calls delivered at or after it")
+    p.add_argument("--until", type=_timestamp, help="changes made before this time (ISO 8601); with "
+                                                   "--delivered: calls delivered before it (default: now)")
+    if delivered:
+        p.add_argument("--delivered", action="store_true",
+                       help="send again every call --url was delivered since --since (its receiver lost data); "
+                            "within the retention period of the history")
 
 
 def add_retry_args(p: argparse.ArgumentParser) -> None:
@@ -170,8 +176,68 @@ def _print_sample(conn: psycopg.Connection, filters: dict[str, Any], action: str
         print(f"  … and {total - SAMPLE} more")
 
 
+def run_delivered(args: argparse.Namespace, dsn: str) -> int:
+    """replay --delivered: queue again what one URL was delivered since a time, in pages with
+    progress; --dry-run only counts."""
+    if args.url is None or args.since is None:
+        print("crm-bridge replay --delivered: give the URL (--url ID|URL) and where to start (--since TIME)",
+              file=sys.stderr)
+        return 2
+    if args.ids or args.object or args.trigger_id is not None or args.all:
+        print("crm-bridge replay --delivered: only --url, --since, --until and --dry-run apply "
+              "(it re-sends everything the URL was delivered in that time)", file=sys.stderr)
+        return 2
+    if args.until is not None and args.until <= args.since:
+        print("crm-bridge replay --delivered: --until must be after --since", file=sys.stderr)
+        return 2
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        url = args.url.strip()
+        if url.isdigit():
+            found = cur.execute(Q.trigger_by_id, {"id": int(url)}).fetchone()
+        else:
+            found = cur.execute(Q.trigger_by_url, {"url": url}).fetchone()
+        if found is None:
+            for line in _why_nothing(conn, {"trigger_id": int(url) if url.isdigit() else None,
+                                            "url": None if url.isdigit() else url, "object": None, "since": None,
+                                            "until": None, "ids": [0], "record": None}, "replay"):
+                if not line.startswith("no delivery matches"):
+                    print(f"crm-bridge replay --delivered: {safe_text(line)}", file=sys.stderr)
+            return 2
+        tid = found["id"]
+        params = {"trigger_id": tid, "since": args.since, "until": args.until, "dry_run": True, "limit": None,
+                  "after_at": None, "after_call": None}
+        try:
+            total = cur.execute(Q.replay_delivered, params).fetchone()["calls"]  # type: ignore[index]
+        except psycopg.errors.InvalidParameterValue as exc:
+            diag = exc.diag
+            print(f"crm-bridge replay --delivered: {safe_text(diag.message_primary or str(exc))}"
+                  + (f" ({safe_text(diag.message_hint)})" if diag.message_hint else ""), file=sys.stderr)
+            return 2
+        span = f"since {args.since.isoformat()}" + (f" until {args.until.isoformat()}" if args.until else "")
+        if args.dry_run or total == 0:
+            print(f"{total} call(s) delivered to URL #{tid} {span} " + ("would be sent again" if total else "found"))
+            return 0
+        done, after_at, after_call = 0, None, None
+        while True:
+            row = cur.execute(Q.replay_delivered, {**params, "dry_run": False, "limit": BATCH, "after_at": after_at,
+                                                   "after_call": after_call}).fetchone()
+            assert row is not None
+            done += row["calls"]
+            after_at, after_call = row["last_at"], row["last_call"]
+            print(f"\rqueued {done}/{total}", end="", file=sys.stderr, flush=True)
+            if row["calls"] < BATCH:
+                break
+        print(file=sys.stderr)
+    print(f"queued {done} call(s) delivered to URL #{tid} {span} again; a running daemon sends them "
+          "(they keep their webhook-id)")
+    return 0
+
+
 def run(args: argparse.Namespace, dsn: str, action: str) -> int:
     """replay / purge / retry-now, in batches with progress; --dry-run counts and shows a sample."""
+    if getattr(args, "delivered", False):
+        return run_delivered(args, dsn)
     done_verb, ask_verb, noun = VERBS[action]
     try:
         filters = _filters(args)

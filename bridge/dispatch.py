@@ -2,13 +2,16 @@
 
 Tasks (all in one anyio task group; if one dies the daemon stops loudly):
 
-* main loop   drain (claim new events, then due retries) until there is nothing to claim; then
-              take the idle lock, drain once more (closes the race with writers that committed
-              before the lock) and wait for a NOTIFY, a local wake-up or the fallback poll.
-* deliveries  one task per claimed delivery; per-URL slots bound what one URL can hold.
-* flusher     writes outcomes in batches (one statement per batch).
-* heartbeat   extends the leases of held deliveries.
-* maintenance recovers expired leases of dead daemons, cancels orphans, applies retention.
+* main loop   drain (claim new events as one batch of calls, then due retries) until there is
+              nothing to claim; then take the idle lock, drain once more (closes the race with
+              writers that committed before the lock) and wait for a NOTIFY, a local wake-up or
+              the fallback poll.
+* deliveries  one task per claimed call; a per-URL limiter bounds how many one URL has running.
+* flusher     records a batch in one statement when all its calls are done (or, after
+              BATCH_RECORD_AFTER seconds, what is done: the rest are then held one by one in the
+              queue), and outcomes of calls held one by one in one statement per flush.
+* heartbeat   extends the leases of held batches and calls.
+* maintenance recovers expired leases of dead daemons, cancels orphans, rotates history.
 """
 
 from __future__ import annotations
@@ -41,10 +44,15 @@ from .sqlfiles import Q
 
 log = logging.getLogger("crm_bridge.daemon")
 
-RETENTION_BATCH = 5000
-# One dispatch takes bulk (statement-level) events up to this many stored bytes of IDs, at least
-# one: it stays bounded however large the statement was, and the main loop keeps ticking.
-BULK_BYTES = 64 * 1024
+# A batch whose calls are not all done after this many seconds is recorded with what is done;
+# its unfinished calls are held one by one (queue rows of this worker) from then on, so that one
+# slow receiver does not keep the others' outcomes unrecorded.
+BATCH_RECORD_AFTER = 1.0
+# A claim waits until at least this share of the daemon's capacity is free (unless it holds
+# nothing): fewer, larger batches cost the database less per call.
+CLAIM_MIN_ROOM = 0.25
+# How long the main loop waits before the next claim when the last one found only a few events.
+LINGER = 0.003
 # Longest back-off after a database error that is not a lost connection (a bug, a DBA's trigger).
 MAX_ERROR_BACKOFF = 30.0
 # Longest dead-letter reason the daemon writes for a row it could not take.
@@ -83,6 +91,26 @@ class Stats:
         self.latencies.append(seconds)
 
 
+@dataclass(eq=False)
+class _Batch:
+    """A batch of calls claimed together (crm_bridge.batch): recorded in one statement."""
+
+    id: int
+    expected: int = 0                       # calls claimed in it (loadable or not)
+    claimed: float = field(default_factory=time.monotonic)
+    # (call id, the call or None when its row could not be loaded, outcome)
+    results: list[tuple[int, Delivery | None, Outcome]] = field(default_factory=list)
+    calls: dict[int, Delivery] = field(default_factory=dict)   # loaded calls not finished yet
+    # While its record statement runs, calls that finish are kept aside (their outcome belongs
+    # to the queue row the record makes, or to the batch again if the record did not happen).
+    recording: bool = False
+    late: list[tuple[Delivery, Outcome]] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return len(self.results) >= self.expected
+
+
 @contextlib.asynccontextmanager
 async def _first_error_unwrapped() -> AsyncIterator[None]:
     """Task groups wrap errors in ExceptionGroups; the reconnect logic wants the plain error."""
@@ -116,10 +144,13 @@ class Daemon:
         self._on_outcome = on_outcome   # metrics (bridge/service.py)
         self._listener = Listener(settings.dsn)
         self._pool: AsyncConnectionPool | None = None
-        self._url_held: dict[int, int] = {}
+        self._url_held: dict[int, int] = {}     # calls of a URL running or waiting for a slot
         self._url_limit: dict[int, int] = {}
+        self._url_slots: dict[int, anyio.CapacityLimiter] = {}
         self._held = 0
-        self._held_ids: set[int] = set()
+        self._held_ids: set[int] = set()        # calls held one by one (queue rows of this worker)
+        self._batches: dict[int, _Batch] = {}   # batches held, by id
+        self._call_batch: dict[int, _Batch] = {}  # call id -> the batch that holds it
         self._last_recorded = -math.inf   # monotonic times outcomes were last recorded and
         self._last_dispatched = -math.inf  # events last dispatched (see _recently)
         self._results: list[tuple[Delivery, Outcome]] = []
@@ -130,6 +161,8 @@ class Daemon:
         self._next_due = 0.0            # monotonic time at which claim_due must run again
         self._waiting_hint = False      # pending deliveries were seen that wait only for a slot
         self._stopping = False
+        self._linger = False            # see _step
+        self._contended = 0.0           # current back-off while the idle lock is contended
         self.healthy = False
         self.ready = anyio.Event()
         self.loop_tick = time.monotonic()   # last main-loop turn: the systemd watchdog checks it
@@ -159,6 +192,8 @@ class Daemon:
         try:
             await self._pool.open(wait=True, timeout=30)
             await self._release_previous()
+            async with self._pool.connection() as conn:   # history partitions before any record
+                await self._rotate(conn)
             await self._connect_listener()
             async with anyio.create_task_group() as side:
                 side.start_soon(self._flusher)
@@ -178,7 +213,7 @@ class Daemon:
                     if self._held:
                         log.warning("grace period over: releasing %d unfinished deliveries", self._held)
                     deliveries.cancel_scope.cancel()
-                await self._flush()
+                await self._flush(everything=True)
                 await self._release_all()
                 side.cancel_scope.cancel()
         finally:
@@ -232,13 +267,21 @@ class Daemon:
         self.healthy = True
 
     async def _step(self, tg: TaskGroup) -> None:
-        if self._held >= self._max_held():
+        if self._held >= self._max_held() or (
+                self._held and self._max_held() - self._held < self._max_held() * CLAIM_MIN_ROOM):
             self._capacity = anyio.Event()
             with anyio.move_on_after(self.s.poll_interval):  # keep the loop (and watchdog) ticking
                 await self._capacity.wait()
             return
+        if self._linger:
+            # The last claim found a few events, not a full batch: writers are busy.  Waiting a
+            # moment lets the next claim take more of them at once (less database work per call);
+            # at low rates a claim finds one event and nobody waits.
+            await anyio.sleep(LINGER)
         if await self._drain_once(tg):
+            self._contended = 0.0
             return
+        self._linger = False
         if await self._listener.enter_idle():
             try:
                 if await self._drain_once(tg):
@@ -247,8 +290,10 @@ class Daemon:
             finally:
                 await self._listener.leave_idle()
         else:
-            # Writers (or another daemon) hold the lock: poll again shortly.
-            await self._wait(min(0.05, self._idle_timeout()))
+            # Writers (or another daemon) hold the lock: poll again shortly, backing off from 2 ms
+            # to 50 ms while it stays contended.
+            self._contended = min(max(self._contended * 2, 0.002), 0.05)
+            await self._wait(min(self._contended, self._idle_timeout()))
 
     def _max_held(self) -> int:
         return self.s.concurrency
@@ -292,10 +337,13 @@ class Daemon:
         return ids, free
 
     def _claim_params(self, batch: int) -> dict:
+        return {"batch": batch, "bulk_records": batch, "lease": timedelta(seconds=self.s.lease),
+                "worker": self.worker, "only": None}
+
+    def _due_params(self, batch: int) -> dict:
         busy_ids, busy_free = self._busy_arrays()
         return {"batch": batch, "lease": timedelta(seconds=self.s.lease), "worker": self.worker,
-                "busy_ids": busy_ids, "busy_free": busy_free, "default_limit": self.s.max_in_flight_per_url,
-                "bulk_bytes": BULK_BYTES, "only": None}
+                "busy_ids": busy_ids, "busy_free": busy_free, "default_limit": self.s.max_in_flight_per_url}
 
     async def _dispatch(self, conn: psycopg.AsyncConnection, params: dict) -> list[dict]:
         """Dispatch a batch of events.  When the batch fails as a whole for a reason other than a
@@ -304,7 +352,7 @@ class Daemon:
         fault is not in the events (see _recently): nothing is dead-lettered and the error is raised."""
         cur = conn.cursor(row_factory=dict_row)
         try:
-            await cur.execute(Q.dispatch_events, params)
+            await cur.execute(Q.claim, params)
             rows = await cur.fetchall()
             self._last_dispatched = time.monotonic()
             return rows
@@ -318,7 +366,7 @@ class Daemon:
         failed: list[tuple[int, str]] = []
         for event_id in head:
             try:
-                await cur.execute(Q.dispatch_events, {**params, "only": [event_id]})
+                await cur.execute(Q.claim, {**params, "only": [event_id]})
                 got = await cur.fetchall()
             except psycopg.OperationalError:
                 raise
@@ -332,7 +380,6 @@ class Daemon:
                 rows += [r for r in got if r["id"] is not None]
             else:
                 rows = got
-            params = {**params, **dict(zip(("busy_ids", "busy_free"), self._busy_arrays(), strict=True))}
         if failed and not rows and not self._recently(self._last_dispatched):
             raise psycopg.DatabaseError(f"no event can be dispatched: {failed[0][1]}")
         for event_id, reason in failed:
@@ -355,39 +402,70 @@ class Daemon:
             await self._spawn(conn, tg, rows)
             due = []
             if pending or time.monotonic() >= self._next_due:
-                params = self._claim_params(max(min(self.s.batch_size, self._max_held() - self._held), 0))
+                params = self._due_params(max(min(self.s.batch_size, self._max_held() - self._held), 0))
                 # Set before the await: a delivery finishing meanwhile may reset it to 0, and
                 # that reset must not be overwritten (a lost wake-up leaves work for the poll).
                 self._next_due = time.monotonic() + self.s.poll_interval
                 if params["batch"]:
                     cur = conn.cursor(row_factory=dict_row)
-                    await cur.execute(Q.claim_due, {k: v for k, v in params.items()
-                                                    if k not in ("bulk_bytes", "only")})
+                    await cur.execute(Q.claim_due, params)
                     due = await cur.fetchall()
                     await self._spawn(conn, tg, due)
                     self._waiting_hint = bool(due or pending)
                     if len(due) >= params["batch"]:
                         self._next_due = 0.0  # a full batch: there is probably more
+        self._linger = 2 <= events < self.s.batch_size // 4
         if events or due:
             log.debug("claimed %d events (%d deliveries now, %d waiting) and %d due deliveries; holding %d",
                       events, len(rows), pending, len(due), self._held)
         return bool(events or due)
 
     async def _spawn(self, conn: psycopg.AsyncConnection, tg: TaskGroup, rows: list[dict]) -> None:
-        """Start a task per claimed delivery.  A row that cannot become a Delivery (whatever a CRM
-        writer or an admin put in it) is a dead letter with the reason; the others go ahead."""
+        """Start a task per claimed call.  A row that cannot become a Delivery (whatever a CRM
+        writer or an admin put in it) is a dead letter with the reason; the others go ahead.
+        Calls of a batch are tracked with it (recorded together, see _flush_batches)."""
+        batches: dict[int, _Batch] = {}
         for row in rows:
+            batch_id = row.pop("batch_id", None)
+            batch = None
+            if batch_id is not None:
+                batch = batches.get(batch_id)
+                if batch is None:
+                    batch = batches[batch_id] = self._batches[batch_id] = _Batch(batch_id)
+                batch.expected += 1
             try:
                 d = Delivery.from_row(row)
             except Exception as exc:
-                await self._dead_letter_claimed(conn, row.get("id"), f"{type(exc).__name__}: {exc}")
+                error = f"{type(exc).__name__}: {exc}"
+                if batch is not None and isinstance(row.get("id"), int):
+                    # Recorded with its batch, as a dead letter with the reason.
+                    self.stats.dead += 1
+                    reason = safe_text(scrub(f"the claimed delivery cannot be sent: {error}"), MAX_REASON_LEN)
+                    log.error("delivery %d is dead: %s", row["id"], reason)
+                    batch.results.append((row["id"], None, Outcome("dead", attempted=0, error=reason)))
+                    continue
+                await self._dead_letter_claimed(conn, row.get("id"), error)
                 continue
             assert d.trigger_id is not None
             self._held += 1
-            self._held_ids.add(d.id)
+            if batch is not None:
+                batch.calls[d.id] = d
+                self._call_batch[d.id] = batch
+            else:
+                self._held_ids.add(d.id)
             self._url_held[d.trigger_id] = self._url_held.get(d.trigger_id, 0) + 1
-            self._url_limit[d.trigger_id] = d.max_in_flight or self.s.max_in_flight_per_url
-            tg.start_soon(self._deliver, d)
+            limit = d.max_in_flight or self.s.max_in_flight_per_url
+            self._url_limit[d.trigger_id] = limit
+            slots = self._url_slots.get(d.trigger_id)
+            if slots is None:
+                slots = self._url_slots[d.trigger_id] = anyio.CapacityLimiter(limit)
+            elif slots.total_tokens != limit:
+                slots.total_tokens = limit
+            tg.start_soon(self._deliver, d, slots)
+        for batch in batches.values():
+            if batch.done:   # every call of it failed to load
+                self._results_ready.set()
+
 
     async def _dead_letter_claimed(self, conn: psycopg.AsyncConnection, delivery_id: object, error: str) -> None:
         self.stats.dead += 1
@@ -412,10 +490,11 @@ class Daemon:
             return
         log.error("delivery %d is dead: %s", delivery_id, reason)
 
-    async def _deliver(self, d: Delivery) -> None:
+    async def _deliver(self, d: Delivery, slots: anyio.CapacityLimiter) -> None:
         assert self._client is not None
         try:
-            outcome = await attempt(self._client, self.policy, d, self.s)
+            async with slots:
+                outcome = await attempt(self._client, self.policy, d, self.s)
         except Exception as exc:  # attempt() never raises; if it ever did, one dead letter, not a dead daemon
             outcome = Outcome("dead", error=safe_text(scrub(f"unexpected error: {type(exc).__name__}: {exc}",
                                                             call_secrets(d)), MAX_REASON_LEN))
@@ -432,11 +511,22 @@ class Daemon:
             self.stats.failed_attempts += 1
             log.info("delivery %d (%s/%s) attempt %d failed, retry in %.1f s: %s", d.id, d.object,
                      d.event, d.attempts + 1, outcome.delay, outcome.error)
-        self._results.append((d, outcome))
-        self._results_ready.set()
+        batch = self._call_batch.pop(d.id, None)
+        if batch is not None and batch.recording:
+            batch.calls.pop(d.id, None)
+            batch.late.append((d, outcome))
+        elif batch is not None:
+            batch.calls.pop(d.id, None)
+            batch.results.append((d.id, d, outcome))
+            if batch.done or len(batch.results) == 1:
+                # done: record it now; first result: the flusher records it after BATCH_RECORD_AFTER
+                self._results_ready.set()
+        else:
+            self._held_ids.discard(d.id)
+            self._results.append((d, outcome))
+            self._results_ready.set()
         assert d.trigger_id is not None
         self._held -= 1
-        self._held_ids.discard(d.id)
         self._url_held[d.trigger_id] -= 1
         if not self._url_held[d.trigger_id]:
             del self._url_held[d.trigger_id]
@@ -449,7 +539,8 @@ class Daemon:
     # -- outcomes ---------------------------------------------------------------------------
     async def _flusher(self) -> None:
         while True:
-            await self._results_ready.wait()
+            with anyio.move_on_after(BATCH_RECORD_AFTER / 4 if self._batches else 3600):
+                await self._results_ready.wait()
             self._results_ready = anyio.Event()
             try:
                 await self._flush()
@@ -462,9 +553,101 @@ class Daemon:
                 self._results_ready.set()
                 await anyio.sleep(5)
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, everything: bool = False) -> None:
         async with self._flush_lock:
+            await self._flush_batches(everything)
             await self._flush_locked()
+
+    async def _flush_batches(self, everything: bool) -> None:
+        """Record the batches whose calls are all done, and those older than BATCH_RECORD_AFTER
+        with what is done (their unfinished calls become queue rows this worker holds: from then
+        on they are recorded one by one).  everything: every batch now (shutdown)."""
+        now = time.monotonic()
+        due = [b for b in self._batches.values()
+               if b.done or (b.results and (everything or now - b.claimed >= BATCH_RECORD_AFTER))
+               or (everything and b.calls)]
+        if not due:
+            return
+        assert self._pool is not None
+        async with self._pool.connection() as conn:
+            for batch in due:
+                await self._record_batch(conn, batch)
+
+    def _detach(self, batch: _Batch, *, held: bool = True) -> None:
+        """The batch is recorded: its unfinished calls are held one by one from now on (held) or
+        were taken away (the lease was lost); calls that finished while it was being recorded are
+        recorded one by one."""
+        self._batches.pop(batch.id, None)
+        for call_id in batch.calls:
+            self._call_batch.pop(call_id, None)
+            if held:
+                self._held_ids.add(call_id)
+        batch.calls = {}
+        if held and batch.late:
+            self._results += batch.late
+            self._results_ready.set()
+        batch.late = []
+
+    async def _record_batch(self, conn: psycopg.AsyncConnection, batch: _Batch) -> None:
+        results = list(batch.results)
+        running = list(batch.calls)
+        params = {"worker": self.worker, "batch": batch.id, "lease": timedelta(seconds=self.s.lease),
+                  "ids": [c for c, _, _ in results] + running,
+                  "statuses": [o.status for _, _, o in results] + ["running"] * len(running),
+                  "attempted": [o.attempted for _, _, o in results] + [0] * len(running),
+                  "http_status": [o.http_status for _, _, o in results] + [None] * len(running),
+                  "errors": [_storable(o.error) for _, _, o in results] + [None] * len(running),
+                  "delays": [o.delay for _, _, o in results] + [0.0] * len(running),
+                  "durations": [o.duration_ms for _, _, o in results] + [0] * len(running)}
+        batch.recording = True
+        try:
+            try:
+                n = await self._scalar(conn, Q.record, params)
+            except psycopg.errors.CheckViolation as exc:
+                if "partition" not in str(exc):
+                    raise
+                # No history partition for now (the daemons were stopped for longer than the
+                # partitions made ahead): make them and record again.
+                await self._rotate(conn)
+                n = await self._scalar(conn, Q.record, params)
+        except psycopg.OperationalError:
+            # Not recorded: the calls that finished meanwhile belong to the batch again.
+            batch.recording = False
+            batch.results += [(d.id, d, o) for d, o in batch.late]
+            batch.late = []
+            raise
+        except psycopg.Error as exc:
+            # Something in this batch cannot be recorded (a DBA's trigger, odd data): hold its
+            # calls one by one and record them so, which isolates the one that fails.
+            log.error("recording batch %d (%d calls) failed (%s): recording its calls one by one", batch.id,
+                      len(results) + len(running), _db_error(exc))
+            try:
+                moved = await self._scalar(conn, Q.unbatch, {"worker": self.worker, "batch": batch.id,
+                                                             "lease": timedelta(seconds=self.s.lease)})
+            except psycopg.OperationalError:
+                batch.recording = False
+                batch.results += [(d.id, d, o) for d, o in batch.late]
+                batch.late = []
+                raise
+            except psycopg.Error as exc2:
+                log.error("batch %d cannot be taken apart either (%s): its lease will expire and its calls "
+                          "will be sent again", batch.id, _db_error(exc2))
+                moved = 0
+            self._detach(batch, held=bool(moved))
+            if moved:
+                self._results = [(d, o) for _, d, o in results if d is not None] + self._results
+                for call_id, d, o in results:
+                    if d is None:
+                        await self._dead_letter(conn, call_id, o.error or "the claimed delivery cannot be sent")
+            return
+        self._last_recorded = time.monotonic()
+        if not n:
+            log.warning("batch %d was given back to the queue before it was recorded (lease lost): its %d calls "
+                        "will be sent again", batch.id, len(results) + len(running))
+            self._detach(batch, held=False)
+            return
+        self._detach(batch)
+        self._after_recorded([(d, o) for _, d, o in results if d is not None])
 
     @staticmethod
     def _outcome_params(batch: list[tuple[Delivery, Outcome]]) -> dict:
@@ -495,6 +678,9 @@ class Daemon:
         except BaseException:
             self._results = batch + self._results
             raise
+        self._after_recorded(batch)
+
+    def _after_recorded(self, batch: list[tuple[Delivery, Outcome]]) -> None:
         if any(d.ordered for d, _ in batch):
             # The next call for these records may be claimable now that this one is recorded.
             self._next_due = 0.0
@@ -566,11 +752,12 @@ class Daemon:
         assert self._pool is not None
         while True:
             await anyio.sleep(self.s.heartbeat_interval)
-            if not self._held_ids:
+            if not self._held_ids and not self._batches:
                 continue
             try:
                 async with self._pool.connection() as conn:
-                    await conn.execute(Q.heartbeat, {"worker": self.worker, "ids": sorted(self._held_ids),
+                    await conn.execute(Q.heartbeat, {"worker": self.worker, "batches": sorted(self._batches),
+                                                     "ids": sorted(self._held_ids),
                                                      "lease": timedelta(seconds=self.s.lease)})
             except psycopg.Error as exc:
                 log.warning("heartbeat failed (%s)", _db_error(exc))
@@ -578,8 +765,11 @@ class Daemon:
     async def _maintenance(self) -> None:
         assert self._pool is not None
         last_retention = 0.0
+        first = True
         while True:
-            await anyio.sleep(max(self.s.lease / 2, 0.2) * random.uniform(0.8, 1.2))
+            if not first:
+                await anyio.sleep(max(self.s.lease / 2, 0.2) * random.uniform(0.8, 1.2))
+            first = False
             try:
                 async with self._pool.connection() as conn:
                     recovered = await self._scalar(conn, Q.recover_expired)
@@ -588,24 +778,22 @@ class Daemon:
                         self._next_due = 0.0
                         self._wake.set()
                     await conn.execute(Q.cancel_orphans)
-                    if time.monotonic() - last_retention > self.s.retention_interval:
+                    if time.monotonic() - last_retention > min(self.s.retention_interval, 60.0):
                         last_retention = time.monotonic()
-                        await self._retention(conn)
+                        await self._rotate(conn)
             except psycopg.Error as exc:
                 log.warning("maintenance failed (%s)", _db_error(exc))
 
-    async def _retention(self, conn: psycopg.AsyncConnection) -> None:
-        retention = timedelta(days=self.s.retention_days)
-        deleted = 0
-        while True:
-            n = await self._scalar(conn, Q.retention_delete, {"retention": retention, "batch": RETENTION_BATCH})
-            deleted += n
-            if n < RETENTION_BATCH:
-                break
-            await anyio.sleep(0.05)  # let writers and deliveries breathe between batches
-        if deleted:
-            log.info("retention: deleted %d finished deliveries older than %g days", deleted,
-                     self.s.retention_days)
+    async def _rotate(self, conn: psycopg.AsyncConnection) -> None:
+        """History partitions: made ahead of time, dropped after the retention period."""
+        cur = await conn.execute(Q.rotate, {"retention": timedelta(days=self.s.retention_days)})
+        row = await cur.fetchone()
+        result = row[0] if row else None
+        if result == "busy":
+            log.info("history rotation waited too long for a lock (a long query on crm_bridge.history?); "
+                     "trying again later")
+        elif result and result != "created 0, dropped 0":
+            log.info("history rotation: %s partitions (retention %g days)", result, self.s.retention_days)
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         with anyio.move_on_after(seconds):

@@ -54,6 +54,8 @@ class Receiver:
         self.port = port
         self.calls: list[Call] = []
         self.attempts: list[Call] = []       # every request, including failed answers
+        self._running: dict[str, int] = {}
+        self._most_running: dict[str, int] = {}
         self._rules: list[tuple[str, Rule]] = []
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -107,8 +109,24 @@ class Receiver:
                                        f"got {len(got)}: {[c.target for c in got][-10:]}")
                 self._cond.wait(remaining)
 
+    def max_concurrent(self, path: str) -> int:
+        """The most requests to ``path`` that were being answered at the same time."""
+        with self._cond:
+            return self._most_running.get(path, 0)
+
     # -- server -----------------------------------------------------------------------------
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        with self._cond:
+            self._running[path] = running = self._running.get(path, 0) + 1
+            self._most_running[path] = max(self._most_running.get(path, 0), running)
+        try:
+            return await self._answer(request)
+        finally:
+            with self._cond:
+                self._running[path] -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         call = Call(request.method, request.raw_path, dict(request.headers), body, time.time())
         rule = self._rule_for(call.target) or Rule()

@@ -5,11 +5,20 @@
 -- The daemon's writes are functions of migration 0007 (crm_bridge.daemon_*): the daemon role may
 -- EXECUTE them and has no INSERT/UPDATE/DELETE on any table.
 
--- name: dispatch_events
--- Move outbox events (up to %(batch)s; bulk ones up to %(bulk_bytes)s stored bytes) into one delivery
--- per interested URL and claim the sendable ones for this worker.  %(only)s: exactly these events.
-SELECT * FROM crm_bridge.daemon_dispatch(%(batch)s, %(bulk_bytes)s, %(lease)s, %(worker)s, %(busy_ids)s,
-                                         %(busy_free)s, %(default_limit)s, %(only)s);
+-- name: claim
+-- Claim outbox events (up to %(batch)s one-record events and bulk ones up to about %(bulk_records)s
+-- records) as one batch of calls for this worker.  %(only)s: exactly these events.
+SELECT * FROM crm_bridge.daemon_claim(%(batch)s, %(bulk_records)s, %(lease)s, %(worker)s, %(only)s);
+
+-- name: record
+-- Record the outcomes of one batch in one statement (delivered -> history; failed, dead and
+-- still running -> queue).  0 when this worker no longer holds the batch.
+SELECT crm_bridge.daemon_record(%(worker)s, %(batch)s, %(ids)s, %(statuses)s, %(attempted)s, %(http_status)s,
+                                %(errors)s, %(delays)s, %(durations)s, %(lease)s);
+
+-- name: unbatch
+-- A batch that cannot be recorded as a whole: its calls become queue rows this worker holds.
+SELECT crm_bridge.daemon_unbatch(%(worker)s, %(batch)s, %(lease)s);
 
 -- name: outbox_head
 -- The next %(limit)s outbox event ids (to dispatch one by one after a batch failed as a whole).
@@ -26,8 +35,9 @@ SELECT * FROM crm_bridge.daemon_claim_due(%(batch)s, %(lease)s, %(worker)s, %(bu
                                           %(default_limit)s);
 
 -- name: complete
--- Record the outcome of finished attempts in one statement; failed attempts also get a row in
--- crm_bridge.attempt.  Rows whose lease this worker lost are left alone.
+-- Record the outcomes of calls held one by one (queue rows) in one statement; delivered ones
+-- move to crm_bridge.history, failed attempts get a history row.  Rows whose lease this worker
+-- lost are left alone.
 SELECT crm_bridge.daemon_complete(%(worker)s, %(ids)s, %(statuses)s, %(attempted)s, %(http_status)s,
                                   %(errors)s, %(delays)s, %(durations)s);
 
@@ -36,8 +46,8 @@ SELECT crm_bridge.daemon_complete(%(worker)s, %(ids)s, %(statuses)s, %(attempted
 SELECT crm_bridge.daemon_dead_letter(%(worker)s, %(id)s, %(error)s);
 
 -- name: heartbeat
--- Extend the leases of exactly the deliveries this process holds.
-SELECT crm_bridge.daemon_heartbeat(%(worker)s, %(ids)s, %(lease)s);
+-- Extend the leases of exactly the batches and calls this process holds.
+SELECT crm_bridge.daemon_heartbeat(%(worker)s, %(batches)s, %(ids)s, %(lease)s);
 
 -- name: release_previous
 -- At start-up: give back what an earlier process of the same worker name still holds.
@@ -55,9 +65,9 @@ SELECT crm_bridge.daemon_cancel_orphans();
 -- Give deliveries back to the queue without counting an attempt (shutdown).
 SELECT crm_bridge.daemon_release(%(worker)s);
 
--- name: retention_delete
--- Delete up to %(batch)s finished deliveries (and their attempts) older than the retention period.
-SELECT crm_bridge.daemon_retention(%(retention)s, %(batch)s);
+-- name: rotate
+-- History partitions: make them ahead of time, drop those older than %(retention)s.
+SELECT crm_bridge.daemon_rotate(%(retention)s);
 
 -- name: idle_lock
 -- Taken by a daemon that has drained the outbox and waits: writers that see it NOTIFY.
@@ -95,13 +105,19 @@ SELECT x.id, x.object, x.event,
 -- Queue up to %(limit)s matching dead letters again.
 SELECT crm_bridge.replay(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s, %(limit)s);
 
+-- name: replay_delivered
+-- Queue again up to %(limit)s calls URL %(trigger_id)s was delivered in [since, until), after the
+-- cursor (after_at, after_call); dry_run: count only.  Returns calls, last_at, last_call.
+SELECT * FROM crm_bridge.replay_delivered(%(trigger_id)s, %(since)s, %(until)s, %(dry_run)s, %(limit)s,
+                                          %(after_at)s, %(after_call)s);
+
 -- name: purge_batch
 -- Delete up to %(limit)s matching dead letters.
 SELECT crm_bridge.purge(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s, %(limit)s);
 
 -- name: pending_count
 -- How many pending deliveries retry-now would make due (the predicate of crm_bridge.retry_now).
-SELECT count(*) FROM crm_bridge.delivery d
+SELECT count(*) FROM crm_bridge.queue d
  WHERE d.status = 'pending' AND d.next_attempt_at > now()
    AND (%(trigger_id)s::bigint IS NULL OR d.trigger_id = %(trigger_id)s)
    AND (%(url)s::text IS NULL OR d.url = %(url)s
@@ -116,7 +132,7 @@ SELECT d.id, d.object, d.event,
        array_to_string(ARRAY(SELECT p || '=' || coalesce(v, 'NULL')
                                FROM unnest(o.id_params, d.ids) AS u(p, v)), '&') AS record,
        coalesce(t.url, d.url) AS url, d.attempts, d.last_status, d.last_error, d.finished_at, d.next_attempt_at
-  FROM crm_bridge.delivery d
+  FROM crm_bridge.queue d
   JOIN crm_bridge.object_type o ON o.object = d.object
   LEFT JOIN crm_bridge.crm_trigger t ON t.id = d.trigger_id
  WHERE d.status = 'pending' AND d.next_attempt_at > now()

@@ -83,7 +83,7 @@ def test_connect_errors_carry_no_transport_noise(db, daemon):
     db.add_url("customer", "create", "http://127.0.0.1:1/closed")
     db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('n1', 'x')")
     db.wait_until("SELECT count(*) > 0 FROM crm_bridge.attempt")
-    error = db.one("SELECT error FROM crm_bridge.attempt ORDER BY id LIMIT 1")
+    error = db.one("SELECT error FROM crm_bridge.attempt ORDER BY at LIMIT 1")
     assert "cannot connect to 127.0.0.1:1: Connection refused" in error
     assert "ssl:default" not in error and "Connect call failed" not in error and "ClientConnectorError" not in error
 

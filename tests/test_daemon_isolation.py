@@ -64,12 +64,12 @@ def test_an_outcome_that_cannot_be_recorded_is_isolated_not_retried_forever(db, 
     db.execute("""
         CREATE FUNCTION public.refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            IF NEW.ids[1] = 'poison' AND NEW.status = 'delivered' THEN
-                RAISE EXCEPTION 'refusing to record %', NEW.id USING ERRCODE = 'check_violation';
+            IF NEW.ids[1] = 'poison' AND NEW.outcome = 'delivered' THEN
+                RAISE EXCEPTION 'refusing to record %', NEW.call_id USING ERRCODE = 'check_violation';
             END IF;
             RETURN NEW;
         END $$;
-        CREATE TRIGGER refuse_poison BEFORE UPDATE ON crm_bridge.delivery
+        CREATE TRIGGER refuse_poison BEFORE INSERT ON crm_bridge.history
             FOR EACH ROW EXECUTE FUNCTION public.refuse_poison();""")
     db.add_url("customer", "create", receiver.url("/c"))
     db.execute("INSERT INTO crm.customer (account_id, name) SELECT 'ok-' || g, 'x' FROM generate_series(1, 20) g")
@@ -86,12 +86,12 @@ def test_an_event_that_cannot_be_dispatched_is_dead_lettered_alone(db, receiver,
     db.execute("""
         CREATE FUNCTION public.refuse_dispatch() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            IF NEW.ids[1] = 'poison' AND NEW.status <> 'dead' THEN
+            IF EXISTS (SELECT 1 FROM unnest(NEW.calls) c WHERE c.ids[1] = 'poison') THEN
                 RAISE EXCEPTION 'cannot take this one' USING ERRCODE = 'check_violation';
             END IF;
             RETURN NEW;
         END $$;
-        CREATE TRIGGER refuse_dispatch BEFORE INSERT ON crm_bridge.delivery
+        CREATE TRIGGER refuse_dispatch BEFORE INSERT ON crm_bridge.batch
             FOR EACH ROW EXECUTE FUNCTION public.refuse_dispatch();""")
     db.add_url("customer", "create", receiver.url("/c"))
     for account in ("ok-1", "poison", "ok-2"):

@@ -134,16 +134,21 @@ def test_daemon_connected_as_the_daemon_role_does_its_whole_job(db, roles, recei
                                                    trigger_id, url, status, lease_until, worker)
                   VALUES (0, 'customer', 'create', ARRAY['orphan'], '{orphan}', now(), %s, %s, 'in_flight',
                           now() - interval '1 minute', 'dead-worker')""", [seen, receiver.url("/ok")])
-    db.execute("""INSERT INTO crm_bridge.delivery (event_id, object, event, ids, record_key, event_created_at, status,
-                                                   finished_at)
-                  VALUES (0, 'customer', 'create', ARRAY['old'], '{old}', now(), 'unrouted',
-                          now() - interval '30 days')""")
+    db.execute("""CREATE TABLE crm_bridge.history_old PARTITION OF crm_bridge.history
+                  FOR VALUES FROM (now() - interval '31 days') TO (now() - interval '30 days')""")
+    db.execute("""INSERT INTO crm_bridge.history_partition
+                  VALUES ('history_old', now() - interval '31 days', now() - interval '30 days')""")
+    db.execute("""INSERT INTO crm_bridge.history (at, call_id, event_id, object, event, ids, event_created_at,
+                                                  record_key, outcome)
+                  VALUES (now() - interval '30 days 12 hours', 0, 0, 'customer', 'create', ARRAY['old'], now(),
+                          '{old}', 'unrouted')""")
     d = daemon_factory(target_dsn=roles.dsn(roles.daemon))
     db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('as-daemon', 'x')")
     receiver.wait_for(1, "/flaky")
     receiver.wait_for(2, "/ok")
     db.wait_until("SELECT count(*) FROM crm_bridge.delivery WHERE status = 'delivered'", expect=3)
     db.wait_until("SELECT count(*) FROM crm_bridge.delivery WHERE ids = ARRAY['old']", expect=0)
+    assert db.one("SELECT to_regclass('crm_bridge.history_old')") is None   # rotated away
     assert db.one("SELECT count(*) FROM crm_bridge.attempt") == 1
     assert db.one("SELECT usename FROM pg_stat_activity WHERE application_name = 'crm-bridge listener'") \
         == roles.daemon

@@ -118,7 +118,7 @@ def test_status_before_the_views_migration_says_run_migrate(db):
 def test_raw_text_from_the_database_is_printed_safely(db, busy_queue):
     """Issue 10, item 5: a DBA (or an old row) may have stored escape sequences; status and check must
     not pass them to the terminal."""
-    for table, column in (("delivery", "last_error"), ("attempt", "error")):
+    for table, column in (("delivery", "last_error"), ("url_stat", "last_failure_error")):
         db.execute(f"UPDATE crm_bridge.{table} SET {column} = e'evil \\x1b[2J\\x1b]0;title\\x07 \\u009b31m end' "
                    f"WHERE {column} IS NOT NULL")
     with db.conn.transaction():
