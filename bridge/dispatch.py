@@ -125,8 +125,11 @@ async def _first_error_unwrapped() -> AsyncIterator[None]:
 
 async def _configure_connection(conn: psycopg.AsyncConnection) -> None:
     # The claim statements are small but look expensive to the planner (CTEs, window
-    # functions, sub-plans): JIT compilation would add ~1 s to each of them.
+    # functions, sub-plans): JIT compilation would add ~1 s to each of them, and planning them
+    # afresh for every call (a custom plan per parameter set) cost ~1.3 ms of the server's CPU
+    # per claim (measured): their generic plans are as good, whatever the batch size.
     await conn.execute("SET jit = off")
+    await conn.execute("SET plan_cache_mode = force_generic_plan")
 
 
 class Daemon:
