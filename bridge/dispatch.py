@@ -91,6 +91,11 @@ class Stats:
         self.latencies.append(seconds)
 
 
+# The columns of a claimed row that are the URL's settings rather than the call's.
+URL_SETTINGS = ("url", "timeout_ms", "max_attempts", "retry_schedule", "max_in_flight", "id_params", "method",
+                "headers", "follow_redirects", "signing_secret")
+
+
 @dataclass(eq=False)
 class _Batch:
     """A batch of calls claimed together (crm_bridge.batch): recorded in one statement."""
@@ -428,8 +433,14 @@ class Daemon:
         writer or an admin put in it) is a dead letter with the reason; the others go ahead.
         Calls of a batch are tracked with it (recorded together, see _flush_batches)."""
         batches: dict[int, _Batch] = {}
+        settings: dict[int, dict] = {}
         for row in rows:
             batch_id = row.pop("batch_id", None)
+            # A claim sends a URL's settings on the first of its calls only (see daemon_claim).
+            if row.get("url") is not None:
+                settings[row["trigger_id"]] = {k: row[k] for k in URL_SETTINGS}
+            elif row.get("trigger_id") in settings:
+                row.update(settings[row["trigger_id"]])
             batch = None
             if batch_id is not None:
                 batch = batches.get(batch_id)
