@@ -107,7 +107,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> Report:
         writers = Pgbench(db.pgbench, db.dsn, workdir) if db.pgbench else PythonWriters(db.dsn)
         conn = stack.enter_context(db.connect())
         ctx = Ctx(db=db, rx=rx, writers=writers, sizes=sizes, workdir=workdir, report=report, log=log, conn=conn)
-        log(f"PostgreSQL {db.pg_version}; writers: {writers.name}; receiver on {rx.url('/')}")
+        log(f"PostgreSQL {db.pg_version}; writers: {writers.name}; receiver on {rx.url('/')}; "
+            f"PgQ: {db.pgq_missing or 'yes'}; emptied by every reset: crm_bridge.{{{','.join(db.work_tables)}}}")
         for phase in phases:
             PHASES[phase](ctx)
     report.facts = {

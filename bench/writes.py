@@ -164,7 +164,8 @@ def eight_writers(ctx: Ctx) -> dict[str, list[Run]]:
         pgq = median(ratios(runs, "bridge_stopped", "pgq"))
         parts.insert(1, f"÷ PgQ {pgq:.2f}")
         met = met and pgq >= 1.2
+    else:
+        parts.insert(1, f"÷ PgQ {ctx.db.pgq_missing}")
     ctx.report.set("5", "; ".join(parts), met,
-                   "writer throughput, trigger alone vs trigger alone (no consumer runs for any)"
-                   + (f"; PgQ {ctx.db.pgq_missing}" if ctx.db.pgq_missing else ""))
+                   "writer throughput: trigger alone vs trigger alone (no consumer runs for any)")
     return runs
