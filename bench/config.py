@@ -1,4 +1,4 @@
-"""How big each measurement is: the full run (about 20 minutes) and --quick (CI, under a minute).
+"""How big each measurement is: the full run (20-25 minutes) and --quick (CI, under a minute).
 
 Every drain has a time limit: a daemon too slow for a size is cut and measured as its rate so
 far, so the full run stays bounded whatever the engine does."""
@@ -54,7 +54,7 @@ FULL = Sizes(
     raw_requests=20_000, backlog_events=100_000, bulk_statements=10, bulk_statement_rows=10_000, drain_limit=120.0,
     million_rows=1_000_000, million_limit=120.0, live_events=10, live_interval=0.5,
     livemax_seconds=30.0, livemax_warmup=2.0, livemax_steps=5, livemax_fallback_rate=1000.0,
-    retention_window=15.0, retention_interval=5.0, retention_warmup=50_000, retention_round=150_000,
+    retention_window=15.0, retention_interval=5.0, retention_warmup=100_000, retention_round=150_000,
     retention_rounds=2, retention_settle=15.0, retention_limit=200.0,
     scaleout_events=50_000, scaleout_limit=90.0,
     idle_seconds=10.0,
