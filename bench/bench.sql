@@ -8,9 +8,39 @@ INSERT INTO crm.customer (account_id, name)
 SELECT 'acc-' || g, 'Bench customer ' || g FROM generate_series(1, 100) g
 ON CONFLICT DO NOTHING;
 
--- name: reset
--- Empty everything the workloads fill, so that every measured run starts from the same state.
-TRUNCATE crm.case, crm_bridge.event, crm_bridge.delivery, crm_bridge.attempt, bench.hasura_log CASCADE;
+-- name: crm_bridge_tables
+-- Every table of the bridge's schema (partitioned parents, not their partitions): the bench
+-- knows no engine's table names; it looks at what the installed schema has.
+SELECT c.relname
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'crm_bridge' AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+ ORDER BY c.relname;
+
+-- name: relation_sizes
+-- Size (with indexes and TOAST) and tuple counts of every table and partition in crm_bridge.
+SELECT c.relname, pg_catalog.pg_total_relation_size(c.oid) AS bytes,
+       coalesce(s.n_live_tup, 0) AS live, coalesce(s.n_dead_tup, 0) AS dead,
+       coalesce(s.vacuum_count + s.autovacuum_count, 0) AS vacuums
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN pg_catalog.pg_stat_user_tables s ON s.relid = c.oid
+ WHERE n.nspname = 'crm_bridge' AND c.relkind IN ('r', 'p')
+ ORDER BY c.relname;
+
+-- name: stop_daemon_backends
+-- Server processes the daemon left behind (a statement still running after the daemon was
+-- stopped keeps its backend busy until it next talks to the client): end them.
+SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity
+ WHERE datname = pg_catalog.current_database() AND starts_with(application_name, 'crm-bridge');
+
+-- name: daemon_backends_left
+-- How many of them are still there.
+SELECT count(*) FROM pg_catalog.pg_stat_activity
+ WHERE datname = pg_catalog.current_database() AND starts_with(application_name, 'crm-bridge');
+
+-- name: cases
+-- Cases written since the last reset: one call each for the bench's URL (case/create).
+SELECT count(*) FROM crm.case;
 
 -- name: checkpoint
 -- Start each run right after a checkpoint: equal full-page-write cost for every variant.
@@ -22,42 +52,31 @@ SELECT crm_bridge.detach('crm.case');
 DROP TRIGGER IF EXISTS bench_capture ON crm.case;
 
 -- name: attach_bridge
--- The bridge as installed by `crm-bridge migrate --reference-crm` (emit_v1, row level).
+-- The bridge's capture as crm_bridge.attach installs it (`crm-bridge migrate --reference-crm` does).
 SELECT crm_bridge.attach('crm.case', 'case', ARRAY['account_id', 'case_id']);
+
+-- name: pgq_install
+-- PgQ, where the server has it (Debian/Ubuntu: postgresql-NN-pgq3).
+CREATE EXTENSION IF NOT EXISTS pgq;
+
+-- name: attach_pgq
+-- PgQ's standard capture: a fresh queue (its event tables empty) and pgq.logutriga on every row.
+SELECT pgq.drop_queue(queue_name, true) FROM pgq.queue WHERE queue_name = 'bench';
+SELECT pgq.create_queue('bench');
+CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON crm.case
+    FOR EACH ROW EXECUTE FUNCTION pgq.logutriga('bench');
 
 -- name: attach_hasura
 -- Hasura-style: the full row as JSON in a log table.
 CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON crm.case
     FOR EACH ROW EXECUTE FUNCTION bench.hasura_emit();
 
--- name: attach_notify_always
--- The naive design: outbox row plus NOTIFY on every row.
-CREATE TRIGGER bench_capture AFTER INSERT OR DELETE ON crm.case
-    FOR EACH ROW EXECUTE FUNCTION bench.emit_notify_always('case', 'account_id', 'case_id');
-
--- name: attach_static
--- Prototype: emit_v1 with the ID columns compiled in (no to_jsonb of the row).
-CREATE TRIGGER bench_capture AFTER INSERT OR DELETE ON crm.case
-    FOR EACH ROW EXECUTE FUNCTION bench.emit_case_static();
-
--- name: attach_statement
--- Prototype: one statement-level trigger with a transition table for INSERT.
-CREATE TRIGGER bench_capture AFTER INSERT ON crm.case
-    REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION bench.emit_case_stmt_insert();
-
--- name: attach_statement_qualified
--- Prototype: the statement trigger without the function-level SET search_path (all names qualified).
-CREATE TRIGGER bench_capture AFTER INSERT ON crm.case
-    REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION bench.emit_case_stmt_insert_q();
-
 -- name: clear_urls
--- Remove every configured URL (the bench configures its own per phase).
+-- Remove every configured URL (the bench configures its own, through the config table only).
 DELETE FROM crm_bridge.crm_trigger;
 
 -- name: add_url
--- Call %(url)s for every created case.
+-- Call %(url)s for every created case (defaults: GET with the IDs, no row payload).
 INSERT INTO crm_bridge.crm_trigger (object, event, url) VALUES ('case', 'create', %(url)s);
 
 -- name: insert_one
@@ -74,18 +93,6 @@ SELECT 'c' || nextval('bench.case_seq'), 'acc-' || (1 + mod(g, 100)), 'bench'
 -- name: insert_named
 -- One case with a caller-chosen ID (the latency bench matches arrivals by it).
 INSERT INTO crm.case (case_id, account_id, subject) VALUES (%(case_id)s, 'acc-1', 'bench');
-
--- name: drained
--- True when the daemon has nothing left: no outbox row, no delivery waiting or in flight.
-SELECT NOT EXISTS (SELECT 1 FROM crm_bridge.event)
-   AND NOT EXISTS (SELECT 1 FROM crm_bridge.delivery WHERE status IN ('pending', 'in_flight'));
-
--- name: delivery_window
--- Deliveries by status, and the database-side window from the first claim to the last outcome.
-SELECT count(*) FILTER (WHERE status = 'delivered') AS delivered,
-       count(*) FILTER (WHERE status <> 'delivered') AS other,
-       extract(epoch FROM max(finished_at) - min(created_at))::float8 AS seconds
-  FROM crm_bridge.delivery;
 
 -- name: server_version
 -- The server's version string.

@@ -1,4 +1,7 @@
-"""How big each measurement is: the full run (about ten minutes) and --quick (CI, under a minute)."""
+"""How big each measurement is: the full run (20-25 minutes) and --quick (CI, under a minute).
+
+Every drain has a time limit: a daemon too slow for a size is cut and measured as its rate so
+far, so the full run stays bounded whatever the engine does."""
 
 from __future__ import annotations
 
@@ -7,37 +10,64 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Sizes:
-    write_seconds: int            # one pgbench run, 8 writers
+    # goals 4, 5: 8 writers, every capture variant
+    write_seconds: int            # one pgbench run
     write_rounds: int             # rounds over all variants (order rotated every round)
-    scale_seconds: int            # one pgbench run, 1 writer, N rows per transaction
-    scale_rounds: int
-    rows_per_tx: tuple[int, ...]
-    bulk_rows: int                # the single large INSERT statement
-    bulk_reps: int
-    latency_rates: tuple[int, ...]
-    latency_seconds: float        # per rate, after a warm-up
+    write_deliver_limit: float    # daemon delivering: seconds after the writers stop for the last calls
+    # goal 6
+    latency_seconds: float        # at 200 events/s, after a warm-up
     latency_warmup: float
+    # goal 1
     raw_requests: int             # per raw-client run
-    backlog_events: int           # written while the daemon is down, then drained
+    backlog_events: int           # 1-row events written while the daemon is down
+    bulk_statements: int          # ... and this many statements of bulk_statement_rows rows
+    bulk_statement_rows: int
     drain_limit: float            # seconds a backlog drain may take before it is cut (and measured)
-    fanout_events: int
-    fanout_urls: tuple[int, ...]
-    fanout_limit: float
+    # goals 2, 3
+    million_rows: int             # the one large INSERT
+    million_limit: float
+    live_events: int              # live events written after it, one every live_interval s
+    live_interval: float
+    # goal 7
+    livemax_seconds: float        # one step of the search, after a warm-up
+    livemax_warmup: float
+    livemax_steps: int
+    livemax_fallback_rate: float  # start of the search when the drain phase did not run
+    # goal 8
+    retention_window: float       # the daemon's retention, seconds
+    retention_interval: float     # the daemon's retention_interval, seconds
+    retention_warmup: int         # events before "before" is read
+    retention_round: int          # events per measured round
+    retention_rounds: int
+    retention_settle: float       # seconds after the window before sizes are read
+    retention_limit: float        # seconds a round may take
+    # goal 9
+    scaleout_events: int
+    scaleout_limit: float
+    # no goal: idle daemon
     idle_seconds: float
 
 
 FULL = Sizes(
-    write_seconds=2, write_rounds=5, scale_seconds=2, scale_rounds=3, rows_per_tx=(1, 10, 100, 1000),
-    bulk_rows=10_000, bulk_reps=5, latency_rates=(50, 200, 1000), latency_seconds=10.0,
-    latency_warmup=1.0, raw_requests=20_000, backlog_events=100_000, drain_limit=90.0, fanout_events=2_000,
-    fanout_urls=(1, 4, 16), fanout_limit=30.0,
+    write_seconds=3, write_rounds=4, write_deliver_limit=60.0,
+    latency_seconds=10.0, latency_warmup=1.0,
+    raw_requests=20_000, backlog_events=100_000, bulk_statements=10, bulk_statement_rows=10_000, drain_limit=120.0,
+    million_rows=1_000_000, million_limit=120.0, live_events=10, live_interval=0.5,
+    livemax_seconds=30.0, livemax_warmup=2.0, livemax_steps=5, livemax_fallback_rate=1000.0,
+    retention_window=15.0, retention_interval=5.0, retention_warmup=100_000, retention_round=150_000,
+    retention_rounds=2, retention_settle=15.0, retention_limit=200.0,
+    scaleout_events=50_000, scaleout_limit=90.0,
     idle_seconds=10.0,
 )
 
 QUICK = Sizes(
-    write_seconds=1, write_rounds=1, scale_seconds=1, scale_rounds=1, rows_per_tx=(1, 100),
-    bulk_rows=2_000, bulk_reps=1, latency_rates=(50, 200), latency_seconds=1.5,
-    latency_warmup=0.3, raw_requests=1_000, backlog_events=1_000, drain_limit=5.0, fanout_events=200,
-    fanout_urls=(1, 4), fanout_limit=4.0,
-    idle_seconds=2.0,
+    write_seconds=1, write_rounds=1, write_deliver_limit=5.0,
+    latency_seconds=1.5, latency_warmup=0.3,
+    raw_requests=1_000, backlog_events=1_000, bulk_statements=10, bulk_statement_rows=100, drain_limit=5.0,
+    million_rows=10_000, million_limit=4.0, live_events=3, live_interval=0.3,
+    livemax_seconds=1.5, livemax_warmup=0.3, livemax_steps=2, livemax_fallback_rate=200.0,
+    retention_window=1.0, retention_interval=1.0, retention_warmup=500, retention_round=1_000,
+    retention_rounds=2, retention_settle=0.5, retention_limit=5.0,
+    scaleout_events=1_000, scaleout_limit=5.0,
+    idle_seconds=1.0,
 )

@@ -1,14 +1,23 @@
-"""What every phase of the bench needs: the database, the receiver, the writers, the sizes."""
+"""What every phase of the bench needs: the database, the receiver, the writers, the sizes.
+
+The bench sees the delivery engine only from outside: the receiver's requests, the daemon's
+process, the server's CPU, the size of whatever tables schema crm_bridge has, and the
+configuration interface (crm_bridge.attach, crm_bridge.crm_trigger).  It never reads the
+engine's own tables, so the same bench measures any engine behind the same interface.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
+
+from bridge.settings import Settings
 
 from .config import Sizes
 from .env import BenchDB
@@ -18,9 +27,16 @@ from .sqlq import BQ
 from .variants import Variant, use
 from .writers import Writers
 
-# The daemon runs with its production defaults; only the log level is pinned (the bench waits
-# for its "ready" line).
+# The daemon runs with its production defaults (procs.DaemonProcess drops every CRM_BRIDGE_*
+# setting of the caller's); a phase may set a few, e.g. a short retention.
 DAEMON_ENV: dict[str, str] = {}
+
+
+def url_concurrency() -> int:
+    """Calls the daemon holds at once for one URL with its default settings: what raw clients
+    are measured at."""
+    defaults = Settings()
+    return min(defaults.max_in_flight_per_url, defaults.concurrency)
 
 
 @dataclass
@@ -33,41 +49,65 @@ class Ctx:
     report: Report
     log: Callable[[str], None]
     conn: psycopg.Connection     # autocommit, to the benchmark database
+    url_paths: list[str] = field(default_factory=list)
+    # Figures one phase measures and a later one divides by (e.g. the 1-row drain rate).
+    measured: dict[str, float] = field(default_factory=dict)
 
     # -- state of the benchmark database ---------------------------------------------------------
     def reset(self, variant: Variant, *, checkpoint: bool = True) -> None:
-        """Empty tables, put ``variant``'s trigger on crm.case, checkpoint."""
-        self.conn.execute(BQ.reset)
+        """Empty the CRM table and every work table of crm_bridge, configure the current URLs
+        again, put ``variant``'s capture on crm.case, checkpoint."""
+        self.conn.execute(BQ.clear_urls)
+        tables = [sql.Identifier("crm_bridge", t) for t in self.db.work_tables]
+        tables += [sql.Identifier("crm", "case"), sql.Identifier("bench", "hasura_log")]
+        self.conn.execute(sql.SQL("TRUNCATE {} CASCADE").format(sql.SQL(", ").join(tables)))
+        self._add_urls()
         use(self.conn, variant)
         if checkpoint:
             self.conn.execute(BQ.checkpoint)
 
     def set_urls(self, paths: list[str]) -> list[str]:
-        """Configure one receiver URL per path for case/create; return the URLs."""
+        """Configure one receiver URL per path for case/create (kept across resets); return the URLs."""
+        self.url_paths = list(paths)
         self.conn.execute(BQ.clear_urls)
-        urls = [self.rx.url(p) for p in paths]
+        return self._add_urls()
+
+    def _add_urls(self) -> list[str]:
+        urls = [self.rx.url(p) for p in self.url_paths]
         for url in urls:
             self.conn.execute(BQ.add_url, {"url": url})
         return urls
 
-    def drained(self) -> bool:
-        row = self.conn.execute(BQ.drained).fetchone()
-        return bool(row and row[0])
-
-    def wait_drained(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.drained():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-        return True
+    def cases(self) -> int:
+        """Cases written since the last reset: the calls to expect per URL."""
+        row = self.conn.execute(BQ.cases).fetchone()
+        return int(row[0]) if row else 0
 
     # -- the daemon ---------------------------------------------------------------------------
     @contextmanager
+    def daemons(self, n: int, env: dict[str, str] | None = None) -> Iterator[list[DaemonProcess]]:
+        """``n`` real daemons, started side by side; on exit they are stopped and any server
+        process they left behind is ended (a long claim statement would otherwise run on)."""
+        ds = [DaemonProcess(self.db.dsn, self.workdir, {**DAEMON_ENV, **(env or {})}) for _ in range(n)]
+        with ExitStack() as stack:
+            stack.callback(self._end_daemon_backends)
+            for d in ds:
+                stack.callback(d.stop)
+                d.spawn()
+            for d in ds:
+                d.wait_ready()
+            yield ds
+
+    @contextmanager
     def daemon(self, env: dict[str, str] | None = None) -> Iterator[DaemonProcess]:
-        d = DaemonProcess(self.db.dsn, self.workdir, {**DAEMON_ENV, **(env or {})})
-        d.start()
-        try:
-            yield d
-        finally:
-            d.stop()
+        with self.daemons(1, env) as ds:
+            yield ds[0]
+
+    def _end_daemon_backends(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.conn.execute(BQ.stop_daemon_backends)
+            row = self.conn.execute(BQ.daemon_backends_left).fetchone()
+            if not row or not row[0] or time.monotonic() > deadline:
+                return
+            time.sleep(0.1)

@@ -1,10 +1,12 @@
-"""Delivery throughput: raw-client ceilings, the backlog drain and fan-out (goals 5 and 6).
+"""Backlog drains and the raw-client ceiling (goal 1), and the tools every delivery phase uses.
 
-Raw clients and the daemon are measured against the same receiver, interleaved (raw, raw,
-drain, raw, raw).  Rates on the wire are taken from the receiver's own arrival times (first to
-last request), so client start-up is not counted for anyone.  The daemon's end-to-end rate is
-stricter: deliveries recorded as delivered ÷ (last outcome written - first claim), from the
-database's own timestamps.
+The engine is watched only from outside: a drain is over when the receiver has seen one request
+per event written (distinct request targets: the case IDs), and its rate is counted on the
+receiver's clock from the moment the daemon said it was ready (or the moment the work was
+committed) to the last arrival.  Raw clients and the daemon are measured against the same
+receiver, interleaved (raw, raw, drains, raw, raw), at the concurrency the daemon holds for one
+URL with its default settings.  A drain that is too slow is cut at its time limit and reported
+as its rate so far.
 """
 
 from __future__ import annotations
@@ -13,48 +15,160 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from . import procstat
 from . import variants as V
-from .context import Ctx
-from .procs import REPO
+from .context import Ctx, url_concurrency
+from .procs import REPO, DaemonProcess
 from .report import Table
 from .sqlq import BQ, render
 from .stats import median
 
-RAW_LIBS = ("aiohttp", "httpx-aiohttp")
-PER_URL_CONCURRENCY = 32     # the daemon's default max_in_flight per URL
-TOTAL_CONCURRENCY = 512      # the daemon's default concurrency (all URLs together)
-WRITE_CHUNK = 10_000         # backlog rows per INSERT statement
+CEILING_LIB = "httpx-aiohttp"            # the daemon's own client: httpx on its transport
+RAW_LIBS = (CEILING_LIB, "aiohttp")      # plain aiohttp for context
+BACKLOG_WRITERS = 8                      # pgbench clients writing 1-row events
 
 
+# -- what the receiver saw ---------------------------------------------------------------------
 @dataclass
-class Drain:
-    events: int
-    deliveries: int              # recorded as delivered
-    other: int                   # deliveries in any other state when measured
-    complete: bool               # everything drained within the time limit
-    db_rate: float               # delivered ÷ database window (first claim → last outcome)
-    wire_rate: float             # receiver: first → last arrival
-    seconds: float
-    peak_rss_mb: float | None
-    daemon_cpu_pct: float | None
-    receiver_cpu_pct: float | None
+class Arrivals:
+    expected: int
+    received: int                # distinct requests (one per event)
+    duplicates: int              # requests beyond the first per event (at-least-once)
+    complete: bool
+    seconds: float               # start → last arrival (complete), or → the cut
+    first: float                 # time.time() of the first and last arrival (0.0: none)
+    last: float
+
+    @property
+    def rate(self) -> float:
+        """Events per second, end to end (from the start given to await_calls)."""
+        return self.received / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def wire_rate(self) -> float:
+        """Requests per second on the wire: first → last arrival."""
+        return (self.received - 1) / (self.last - self.first) if self.last > self.first else 0.0
 
     @property
     def status(self) -> str:
-        return "drained" if self.complete else f"NOT drained in {self.seconds:.0f} s"
+        if self.complete:
+            return "drained"
+        return f"NOT drained in {self.seconds:.0f} s ({self.received:,} of {self.expected:,})"
 
 
-def _wire_rate(ctx: Ctx) -> tuple[int, float]:
-    times = sorted(at for at, _ in ctx.rx.records())
-    if len(times) < 2 or times[-1] <= times[0]:
-        return len(times), 0.0
-    return len(times), (len(times) - 1) / (times[-1] - times[0])
+def _arrivals(ctx: Ctx, expected: int, start: float, complete: bool, now: float, exclude: str | None) -> Arrivals:
+    times: dict[str, float] = {}
+    total = 0
+    for at, target in ctx.rx.records():
+        if exclude is None or exclude not in target:
+            total += 1
+            times.setdefault(target, at)
+    first = min(times.values(), default=0.0)
+    last = max(times.values(), default=0.0)
+    seconds = (last if complete else now) - start
+    return Arrivals(expected, len(times), total - len(times), complete, seconds, first, last)
+
+
+def await_calls(ctx: Ctx, expected: int, start: float, limit: float,
+                tick: Callable[[], None] | None = None, exclude: str | None = None) -> Arrivals:
+    """Wait until ``expected`` distinct requests arrived, or ``limit`` seconds after ``start``
+    (a time.time()); ``tick`` runs on every poll (e.g. to write live events meanwhile); requests
+    whose target contains ``exclude`` are not counted."""
+    while True:
+        now = time.time()
+        if ctx.rx.count() >= expected:
+            got = _arrivals(ctx, expected, start, True, now, exclude)
+            if got.received >= expected:
+                return got
+        if now > start + limit:
+            return _arrivals(ctx, expected, start, False, now, exclude)
+        if tick is not None:
+            tick()
+        time.sleep(0.05)
+
+
+# -- CPU over a window -------------------------------------------------------------------------
+@dataclass
+class CpuShares:
+    """CPU used over a window, in % of one core (None: not readable)."""
+    daemons: list[float | None]
+    receiver: float | None
+    server: float | None
+    machine: float | None        # every process on the machine, the bench's and anyone else's
+
+    @property
+    def daemon_total(self) -> float | None:
+        known = [d for d in self.daemons if d is not None]
+        return sum(known) if known else None
+
+
+class CpuWindow:
+    def __init__(self, ctx: Ctx, daemons: Sequence[DaemonProcess]) -> None:
+        self.ctx, self.daemons = ctx, list(daemons)
+        self.t0 = time.monotonic()
+        self.d0 = [d.cpu_seconds() for d in self.daemons]
+        self.rx0 = ctx.rx.cpu_seconds()
+        self.srv0 = ctx.db.server_cpu()
+        self.m0 = procstat.machine_busy_seconds()
+
+    def shares(self) -> CpuShares:
+        wall = time.monotonic() - self.t0
+
+        def pct(a: float | None, b: float | None) -> float | None:
+            return (b - a) / wall * 100 if a is not None and b is not None and wall > 0 else None
+
+        return CpuShares([pct(a, d.cpu_seconds()) for a, d in zip(self.d0, self.daemons, strict=True)],
+                         pct(self.rx0, self.ctx.rx.cpu_seconds()), pct(self.srv0, self.ctx.db.server_cpu()),
+                         pct(self.m0, procstat.machine_busy_seconds()))
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0f} %"
+
+
+def fmt_mb(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0f} MB"
+
+
+# -- drains ------------------------------------------------------------------------------------
+@dataclass
+class Drain:
+    got: Arrivals
+    cpu: CpuShares
+    peak_rss_mb: float | None
+
+
+def drain(ctx: Ctx, limit: float, daemons: int = 1, env: dict[str, str] | None = None) -> Drain:
+    """Start ``daemons`` daemons on the backlog written since the last reset (one call per case)
+    and time them until every call arrived, at most ``limit`` seconds."""
+    expected = ctx.cases() * len(ctx.url_paths)
+    ctx.conn.execute(BQ.checkpoint)
+    ctx.rx.reset()
+    with ctx.daemons(daemons, env) as ds:
+        cpu = CpuWindow(ctx, ds)
+        got = await_calls(ctx, expected, min(d.ready_at for d in ds), limit)
+        shares = cpu.shares()
+        rss = [r for d in ds if (r := d.peak_rss_mb()) is not None]
+    return Drain(got, shares, max(rss) if rss else None)
+
+
+def write_one_row_events(ctx: Ctx, events: int) -> None:
+    """``events`` 1-row INSERT transactions (pgbench, 8 clients)."""
+    ctx.writers.run(BQ.insert_one, BACKLOG_WRITERS, transactions=max(1, events // BACKLOG_WRITERS))
+
+
+def write_statements(ctx: Ctx, statements: int, rows: int) -> None:
+    """``statements`` INSERT statements of ``rows`` rows each, one transaction each."""
+    query = render("insert_many", rows=rows)
+    for _ in range(statements):
+        ctx.conn.execute(query)
 
 
 def raw(ctx: Ctx, lib: str, concurrency: int, count: int) -> float:
-    """Requests/s of a raw client process at ``concurrency`` (receiver-side)."""
+    """Requests/s of a raw client process at ``concurrency`` (receiver-side, first → last arrival)."""
     ctx.rx.reset()
     proc = subprocess.run(
         [sys.executable, "-m", "bench.rawclient", "--lib", lib, "--url", ctx.rx.url("/raw"),
@@ -65,118 +179,58 @@ def raw(ctx: Ctx, lib: str, concurrency: int, count: int) -> float:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if result["errors"]:
         raise RuntimeError(f"raw client {lib}: {result['errors']} non-200 answers")
-    n, rate = _wire_rate(ctx)
-    ctx.log(f"    raw {lib:14} x{concurrency:<4} {rate:7.0f} req/s ({n} requests)")
-    return rate
+    got = _arrivals(ctx, count, 0.0, True, time.time(), None)
+    ctx.log(f"    raw {lib:14} x{concurrency:<4} {got.wire_rate:7.0f} req/s ({got.received} requests)")
+    return got.wire_rate
 
 
-def write_backlog(ctx: Ctx, events: int) -> None:
-    """``events`` new cases while no daemon runs (their outbox rows wait)."""
-    left = events
-    while left > 0:
-        n = min(WRITE_CHUNK, left)
-        ctx.conn.execute(render("insert_many", rows=n))
-        left -= n
-
-
-def drain(ctx: Ctx, events: int, urls: int, limit: float) -> Drain:
-    """Write a backlog of ``events`` for ``urls`` URLs with the daemon down, then time the drain
-    (at most ``limit`` seconds: a daemon that is too slow is measured, not waited for)."""
-    ctx.reset(V.BRIDGE_STOPPED)
-    ctx.set_urls([f"/drain{i}" for i in range(urls)])
-    write_backlog(ctx, events)
-    ctx.conn.execute(BQ.checkpoint)
-    ctx.rx.reset()
-    rx0 = ctx.rx.cpu_seconds()
-    with ctx.daemon() as daemon:
-        t0 = time.monotonic()
-        cpu0 = daemon.cpu_seconds()
-        complete = ctx.wait_drained(timeout=limit)
-        seconds = time.monotonic() - t0
-        cpu1 = daemon.cpu_seconds()
-        rss = daemon.peak_rss_mb()
-        row = ctx.conn.execute(BQ.delivery_window).fetchone()
-    rx1 = ctx.rx.cpu_seconds()
-    assert row is not None
-    delivered, other, window = int(row[0]), int(row[1]), float(row[2] or 0.0)
-    if not complete:
-        # Not finished: the rate so far, over the whole time the daemon had.
-        window = seconds
-        other = events * urls - delivered
-    _, wire = _wire_rate(ctx)
-    return Drain(events, delivered, other, complete, delivered / window if window else 0.0, wire, seconds, rss,
-                 (cpu1 - cpu0) / seconds * 100 if cpu0 is not None and cpu1 is not None else None,
-                 (rx1 - rx0) / seconds * 100 if rx0 is not None and rx1 is not None else None)
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.0f} %"
-
-
-def backlog_and_ceiling(ctx: Ctx) -> Drain:
-    """Goals 5 and 6: raw ceilings at the daemon's per-URL concurrency around a backlog drain."""
+def backlog_and_ceiling(ctx: Ctx) -> None:
+    """Goal 1: two backlogs (1-row events; statements of many rows) drained by the daemon with its
+    default settings, each ÷ the raw ceiling of the daemon's own client measured around them."""
     s = ctx.sizes
-    ctx.log(f"raw clients x{PER_URL_CONCURRENCY} around a drain of {s.backlog_events:,} events (1 URL)")
-    rates: dict[str, list[float]] = {lib: [] for lib in RAW_LIBS}
-    for lib in RAW_LIBS:
-        rates[lib].append(raw(ctx, lib, PER_URL_CONCURRENCY, s.raw_requests))
-    d = drain(ctx, s.backlog_events, 1, s.drain_limit)
-    ctx.log(f"    drain: {d.db_rate:.0f} deliveries/s end to end, {d.wire_rate:.0f}/s on the wire, "
-            f"peak RSS {_fmt_mb(d.peak_rss_mb)}, {d.status}")
+    conc = url_concurrency()
+    shapes = [(f"{s.backlog_events:,} 1-row events", lambda: write_one_row_events(ctx, s.backlog_events)),
+              (f"{s.bulk_statements} statements of {s.bulk_statement_rows:,} rows",
+               lambda: write_statements(ctx, s.bulk_statements, s.bulk_statement_rows))]
+    ctx.log(f"raw clients x{conc} around drains of {' and '.join(label for label, _ in shapes)} (1 URL)")
+    rates: dict[str, list[float]] = {lib: [raw(ctx, lib, conc, s.raw_requests)] for lib in RAW_LIBS}
+    ctx.set_urls(["/drain"])
+    drains = []
+    for label, write in shapes:
+        ctx.reset(V.BRIDGE_STOPPED)
+        write()
+        d = drain(ctx, s.drain_limit)
+        ctx.log(f"    {label}: {d.got.rate:.0f}/s end to end, {d.got.wire_rate:.0f}/s on the wire, "
+                f"peak RSS {fmt_mb(d.peak_rss_mb)}, {d.got.status}")
+        drains.append((label, d))
     for lib in reversed(RAW_LIBS):
-        rates[lib].append(raw(ctx, lib, PER_URL_CONCURRENCY, s.raw_requests))
-    ceiling_lib = max(RAW_LIBS, key=lambda lib: median(rates[lib]))
-    ceiling = median(rates[ceiling_lib])
-    t = Table(f"Backlog drain and raw-client ceiling: 1 URL, concurrency {PER_URL_CONCURRENCY} "
-              "(the daemon's default per-URL limit)",
-              ["client", "requests/s", "runs", "÷ fastest raw", "peak RSS", "daemon CPU", "note"])
+        rates[lib].append(raw(ctx, lib, conc, s.raw_requests))
+    ceiling = median(rates[CEILING_LIB])
+    ctx.measured["ceiling"] = ceiling
+    ctx.measured["drain_1row"] = drains[0][1].got.rate
+    ctx.report.facts["raw-client ceiling"] = (f"{ceiling:.0f} requests/s (httpx on the daemon's transport, "
+                                              f"{conc} at once, one receiver on 127.0.0.1)")
+    t = Table(f"Backlog drain and raw-client ceiling: 1 URL, {conc} calls at once (the daemon's default "
+              "for one URL)", ["client", "events or requests/s", "runs", f"÷ raw {CEILING_LIB}", "duplicates",
+                               "peak RSS", "daemon CPU", "receiver CPU", "server CPU", "note"])
     for lib in RAW_LIBS:
         t.rows.append([f"raw {lib}", f"{median(rates[lib]):.0f}", " / ".join(f"{r:.0f}" for r in rates[lib]),
-                       f"{median(rates[lib]) / ceiling:.2f}", "", "", ""])
-    for label, x in (("crm-bridge daemon", d),):
-        t.rows.append([f"{label}, end to end", f"{x.db_rate:.0f}", "1", f"{x.db_rate / ceiling:.2f}",
-                       _fmt_mb(x.peak_rss_mb), _pct(x.daemon_cpu_pct),
-                       f"{x.status}; {x.wire_rate:.0f}/s on the wire"])
+                       f"{median(rates[lib]) / ceiling:.2f}", "", "", "", "", "", ""])
+    for label, d in drains:
+        t.rows.append([f"daemon, {label}", f"{d.got.rate:.0f}", "1", f"{d.got.rate / ceiling:.2f}",
+                       f"{d.got.duplicates:,}", fmt_mb(d.peak_rss_mb), pct(d.cpu.daemon_total), pct(d.cpu.receiver),
+                       pct(d.cpu.server),
+                       f"{d.got.status}; {d.got.wire_rate:.0f}/s on the wire; machine CPU {pct(d.cpu.machine)}"])
     t.notes += [
-        f"{s.raw_requests:,} requests per raw run, order: raw, raw, drain, raw, raw; each raw "
-        "client is its own process, as the daemon is.",
-        f"Drains: {s.backlog_events:,} events written while no daemon ran; end to end = deliveries recorded as "
-        "delivered ÷ (last outcome - first claim), database clock; a drain not finished within "
-        f"{s.drain_limit:g} s is reported as its rate so far. Receiver CPU during the drain: "
-        f"{_pct(d.receiver_cpu_pct)} (100 % = one core).",
+        f"{s.raw_requests:,} requests per raw run, order: raw, raw, drains, raw, raw; each raw client is its "
+        "own process, as the daemon is; raw rate = first → last arrival at the receiver.",
+        "Daemon rate, end to end = distinct calls received ÷ (last arrival - the daemon's 'ready' log line), "
+        f"receiver clock; backlogs written while no daemon ran; a drain not finished within {s.drain_limit:g} s "
+        "is reported as its rate so far. CPU: % of one core over the drain.",
     ]
     ctx.report.tables.append(t)
-    ratio = d.db_rate / ceiling
-    httpx_rate = median(rates["httpx-aiohttp"]) if "httpx-aiohttp" in rates else None
-    ctx.report.set("5", f"{ratio:.2f} ({d.db_rate:.0f}/s vs raw {ceiling_lib} {ceiling:.0f}/s)", ratio >= 0.8,
-                   "" if not httpx_rate else
-                   f"÷ raw httpx on aiohttp (the daemon's client): {d.db_rate / httpx_rate:.2f}")
-    rss_ok = d.peak_rss_mb is not None and d.peak_rss_mb < 150
-    ctx.report.set("6", f"{d.db_rate:.0f}/s ({d.status}), peak RSS {_fmt_mb(d.peak_rss_mb)}",
-                   d.complete and d.db_rate >= 2000 and rss_ok, f"{s.backlog_events:,} events")
-    return d
-
-
-def _fmt_mb(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.0f} MB"
-
-
-def fanout(ctx: Ctx) -> list[Drain]:
-    """Drain rate with 1, 4, 16 URLs per event (the real daemon)."""
-    s = ctx.sizes
-    t = Table(f"Drain rate by URLs per event ({s.fanout_events:,}-event backlog, real daemon)",
-              ["URLs/event", "concurrency", "deliveries", "deliveries/s", "events/s", "on the wire/s",
-               f"raw {RAW_LIBS[0]} at same concurrency", "÷ raw", "peak RSS", "daemon CPU", "status"])
-    out = []
-    for urls in s.fanout_urls:
-        conc = min(urls * PER_URL_CONCURRENCY, TOTAL_CONCURRENCY)
-        ctx.log(f"drain of {s.fanout_events:,} events x {urls} URLs")
-        d = drain(ctx, s.fanout_events, urls, s.fanout_limit)
-        ceiling = raw(ctx, RAW_LIBS[0], conc, s.raw_requests)
-        out.append(d)
-        t.rows.append([str(urls), str(conc), f"{d.deliveries:,}", f"{d.db_rate:.0f}",
-                       f"{d.db_rate / urls:.0f}", f"{d.wire_rate:.0f}", f"{ceiling:.0f}",
-                       f"{d.db_rate / ceiling:.2f}" if ceiling else "n/a", _fmt_mb(d.peak_rss_mb),
-                       _pct(d.daemon_cpu_pct), d.status])
-    ctx.report.tables.append(t)
-    return out
+    r1, r2 = (d.got.rate / ceiling for _, d in drains)
+    ctx.report.set("1", f"{r1:.2f} and {r2:.2f} ({drains[0][1].got.rate:.0f} and {drains[1][1].got.rate:.0f}/s "
+                        f"vs raw {ceiling:.0f}/s)",
+                   r1 >= 0.9 and r2 >= 0.9 and all(d.got.complete for _, d in drains),
+                   "; ".join(f"{label}: {d.got.status}" for label, d in drains))

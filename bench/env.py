@@ -32,6 +32,8 @@ class BenchDB:
     pgbench: Path | None         # None: fall back to Python writers
     postmaster: int | None       # None: server CPU cannot be read (not on this machine)
     server: str                  # "throwaway cluster (...)" or "--dsn"
+    work_tables: list[str]       # crm_bridge tables a reset empties (see _install)
+    pgq_missing: str | None      # why PgQ cannot be compared here; None: it can
 
     def connect(self) -> psycopg.Connection:
         return psycopg.connect(self.dsn, autocommit=True)
@@ -67,11 +69,31 @@ def _local_postmaster(conn: psycopg.Connection) -> int | None:
     return ppid if cmd.startswith(b"postgres") and b"postgres" in parent else None
 
 
-def _install(dsn: str) -> None:
+def _install(dsn: str) -> tuple[list[str], str | None]:
+    """Install the bridge, the reference CRM and the bench's own objects; return the crm_bridge
+    tables that hold work and whether PgQ is missing.
+
+    The bench names no table of the delivery engine: right after `migrate`, tables that already
+    have rows are the engine's own bookkeeping (versions, object types, attachments...) and are
+    kept; crm_trigger is configuration, rewritten through its interface by every reset; every
+    other table holds work (outbox, deliveries, history, whatever the installed engine has) and
+    is emptied between runs."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         migrate(conn, reference=True)
+        work = []
+        for (name,) in conn.execute(BQ.crm_bridge_tables).fetchall():
+            has_rows = conn.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(
+                sql.Identifier("crm_bridge", name))).fetchone()
+            if name != "crm_trigger" and not (has_rows and has_rows[0]):
+                work.append(str(name))
         conn.execute(variants_sql())
         conn.execute(BQ.seed_customers)
+        pgq_missing = None
+        try:
+            conn.execute(BQ.pgq_install)
+        except psycopg.Error:
+            pgq_missing = "skipped: pgq not installed on this server"
+    return work, pgq_missing
 
 
 def open_bench_db(stack: ExitStack, dsn: str | None, log: Callable[[str], None]) -> BenchDB:
@@ -98,10 +120,10 @@ def open_bench_db(stack: ExitStack, dsn: str | None, log: Callable[[str], None])
     if cluster is None:
         stack.callback(_drop_database, admin_dsn, dbname)
     bench_dsn = make_conninfo(admin_dsn, dbname=dbname)
-    _install(bench_dsn)
+    work_tables, pgq_missing = _install(bench_dsn)
     return BenchDB(dsn=bench_dsn, pg_version=version,
                    pgbench=_find_pgbench(cluster.bindir if cluster else None),
-                   postmaster=postmaster, server=server)
+                   postmaster=postmaster, server=server, work_tables=work_tables, pgq_missing=pgq_missing)
 
 
 def _drop_database(admin_dsn: str, dbname: str) -> None:

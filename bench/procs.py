@@ -121,27 +121,42 @@ class DaemonProcess:
 
     def __init__(self, dsn: str, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.dsn = dsn
-        self.env = {**os.environ, "CRM_BRIDGE_LOG_LEVEL": "INFO", **(env or {})}
-        self.env.pop("CRM_BRIDGE_DSN", None)
+        # Production defaults: no CRM_BRIDGE_* of the caller's and no settings file
+        # (/etc/crm-bridge/crm-bridge.toml on a machine that has one); only what ``env`` sets.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("CRM_BRIDGE_")}
+        self.env = {**inherited, "CRM_BRIDGE_CONFIG": "", "CRM_BRIDGE_LOG_LEVEL": "INFO", **(env or {})}
+        self.ready_at = 0.0          # time.time() when its "ready" line was seen
         fd, name = tempfile.mkstemp(prefix="daemon-", suffix=".log", dir=workdir)
         os.close(fd)
         self.log_path = Path(name)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._offset = 0
 
     def start(self, timeout: float = 30.0) -> DaemonProcess:
-        offset = self.log_path.stat().st_size
+        self.spawn()
+        return self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (several daemons start side by side)."""
+        self._offset = self.log_path.stat().st_size
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self._command(),
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 30.0) -> DaemonProcess:
+        """Wait for the daemon's "ready" log line; ``ready_at`` is when it was seen (within 20 ms):
+        from then on the daemon works, so end-to-end rates are counted from it."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
-        while "ready: listening" not in self.log_path.read_text(errors="replace")[offset:]:
+        while "ready: listening" not in self.log_path.read_text(errors="replace")[self._offset:]:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}; see {self.log_path}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise TimeoutError(f"daemon not ready after {timeout:g} s; see {self.log_path}")
             time.sleep(0.02)
+        self.ready_at = time.time()
         return self
 
     def _command(self) -> list[str]:

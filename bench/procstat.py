@@ -62,6 +62,18 @@ def tree_cpu_seconds(root: int) -> float | None:
     return total
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU seconds every core of the machine has been busy so far (all processes, anyone's):
+    /proc/stat's first line without idle and iowait."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    # cpu user nice system idle iowait irq softirq steal (guest time is already in user)
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / TICKS
+
+
 def vm_hwm_mb(pid: int) -> float | None:
     """Peak resident set size (VmHWM) in MB."""
     try:

@@ -11,11 +11,14 @@ class Goal:
     metric: str
     goal: str
     figure: str = "not measured"
-    met: bool | None = None     # None: not measured in this run
+    met: bool | None = None     # None: not measured in this run (or a goal that is only reported)
     note: str = ""
+    reported: bool = False      # a figure to report, with no threshold
 
     @property
     def verdict(self) -> str:
+        if self.reported and self.figure != "not measured":
+            return "reported"
         return {True: "met", False: "NOT MET", None: "n/a"}[self.met]
 
 
@@ -33,8 +36,8 @@ class Report:
     tables: list[Table] = field(default_factory=list)
     facts: dict[str, str] = field(default_factory=dict)
 
-    def goal(self, number: str, metric: str, goal: str) -> Goal:
-        self.goals[number] = Goal(number, metric, goal)
+    def goal(self, number: str, metric: str, goal: str, *, reported: bool = False) -> Goal:
+        self.goals[number] = Goal(number, metric, goal, reported=reported)
         return self.goals[number]
 
     def set(self, number: str, figure: str, met: bool | None, note: str = "") -> None:
@@ -42,7 +45,7 @@ class Report:
         g.figure, g.met, g.note = figure, met, note
 
     def goal_table(self) -> Table:
-        t = Table("Goals (2-core machine)", ["#", "metric", "goal", "measured", "verdict", "note"])
+        t = Table("Goals", ["#", "metric", "goal", "measured", "verdict", "note"])
         for g in self.goals.values():
             t.rows.append([g.number, g.metric, g.goal, g.figure, g.verdict, g.note])
         return t

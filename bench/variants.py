@@ -18,13 +18,10 @@ class Variant:
 
 
 NONE = Variant("none", "no trigger", None)
-BRIDGE = Variant("bridge", "bridge, daemon running", "attach_bridge", daemon=True)
-BRIDGE_STOPPED = Variant("bridge_stopped", "bridge, daemon stopped", "attach_bridge")
+BRIDGE = Variant("bridge", "bridge, daemon delivering", "attach_bridge", daemon=True)
+BRIDGE_STOPPED = Variant("bridge_stopped", "bridge, trigger alone (no daemon)", "attach_bridge")
 HASURA = Variant("hasura", "Hasura-style JSON log", "attach_hasura")
-NOTIFY_ALWAYS = Variant("notify_always", "outbox + NOTIFY every row", "attach_notify_always")
-STATEMENT_Q = Variant("statement_q", "prototype: statement, no SET clause", "attach_statement_qualified")
-
-ALL = {v.key: v for v in (NONE, BRIDGE, BRIDGE_STOPPED, HASURA, NOTIFY_ALWAYS, STATEMENT_Q)}
+PGQ = Variant("pgq", "PgQ pgq.logutriga", "attach_pgq")
 
 
 def use(conn: psycopg.Connection, variant: Variant) -> None:

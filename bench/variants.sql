@@ -1,7 +1,7 @@
 -- Benchmark-only objects, installed into the benchmark database (never into a CRM database):
--- the ID sequence the writers use, the competitors the bridge is compared with, and prototypes
--- of alternative capture triggers.  bench/variants.py attaches exactly one of them to crm.case
--- at a time.  Everything lives in schema `bench` and is dropped with it.
+-- the ID sequence the writers use and the Hasura-style competitor the bridge is compared with
+-- (PgQ, the other one, is its own extension: bench.sql's pgq_install).  bench/variants.py
+-- attaches exactly one capture to crm.case at a time.  Everything lives in schema `bench`.
 
 CREATE SCHEMA bench;
 
@@ -31,110 +31,6 @@ BEGIN
     VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP,
             jsonb_build_object('old', CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,
                                'new', CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END));
-    RETURN NULL;
-END
-$$;
-
--- ---------------------------------------------------------------------------------------------
--- The naive design the idle lock replaces: emit_v1's outbox row plus a NOTIFY on every row.
--- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION bench.emit_notify_always() RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, crm_bridge
-AS $$
-DECLARE
-    r         jsonb;
-    id_values text[] := '{}';
-    i         integer;
-BEGIN
-    IF TG_OP = 'DELETE' THEN r := to_jsonb(OLD); ELSE r := to_jsonb(NEW); END IF;
-    FOR i IN 1 .. TG_NARGS - 1 LOOP
-        id_values := id_values || (r ->> TG_ARGV[i]);
-    END LOOP;
-    INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin)
-    VALUES (TG_ARGV[0],
-            CASE TG_OP WHEN 'INSERT' THEN 'create' WHEN 'UPDATE' THEN 'edit' ELSE 'delete' END,
-            id_values, session_user, current_setting('crm_bridge.origin', true));
-    PERFORM pg_notify('crm_bridge', '{"xid":' || pg_current_xact_id()::text || '}');
-    RETURN NULL;
-END
-$$;
-
--- ---------------------------------------------------------------------------------------------
--- Prototype "static row": what attach() could generate per table.  Same outbox row and the same
--- idle-lock wake-up as emit_v1, but the ID columns are named in the code (NEW.account_id), so no
--- to_jsonb() of the whole row and no loop over TG_ARGV.
--- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION bench.emit_case_static() RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, crm_bridge
-AS $$
-BEGIN
-    IF TG_OP = 'DELETE' THEN
-        INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin)
-        VALUES ('case', 'delete', ARRAY[OLD.account_id::text, OLD.case_id::text],
-                session_user, current_setting('crm_bridge.origin', true));
-    ELSE
-        INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin)
-        VALUES ('case', CASE TG_OP WHEN 'INSERT' THEN 'create' ELSE 'edit' END,
-                ARRAY[NEW.account_id::text, NEW.case_id::text],
-                session_user, current_setting('crm_bridge.origin', true));
-    END IF;
-    IF NOT pg_try_advisory_xact_lock_shared(1668441442, 1)
-       AND pg_notification_queue_usage() < 0.5 THEN
-        PERFORM pg_notify('crm_bridge', '{"xid":' || pg_current_xact_id()::text || '}');
-    END IF;
-    RETURN NULL;
-END
-$$;
-
--- ---------------------------------------------------------------------------------------------
--- Prototype "statement": AFTER INSERT/DELETE ... FOR EACH STATEMENT with a transition table, one
--- INSERT ... SELECT per statement instead of one PL/pgSQL call per row (UPDATE would keep the
--- row trigger: its WHEN (OLD.* IS DISTINCT FROM NEW.*) filter needs row pairs).
--- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION bench.emit_case_stmt_insert() RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, crm_bridge
-AS $$
-BEGIN
-    INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin)
-    SELECT 'case', 'create', ARRAY[n.account_id::text, n.case_id::text],
-           session_user, current_setting('crm_bridge.origin', true)
-      FROM new_rows n;
-    IF FOUND AND NOT pg_try_advisory_xact_lock_shared(1668441442, 1)
-       AND pg_notification_queue_usage() < 0.5 THEN
-        PERFORM pg_notify('crm_bridge', '{"xid":' || pg_current_xact_id()::text || '}');
-    END IF;
-    RETURN NULL;
-END
-$$;
-
--- ---------------------------------------------------------------------------------------------
--- Prototype "statement, qualified": the statement trigger without the function-level
--- `SET search_path`, which costs a GUC save/restore on every call.  Without it a SECURITY
--- DEFINER function resolves names through the *caller's* search_path, so every function, type
--- and operator is schema-qualified (OPERATOR(pg_catalog.||)): nothing a caller creates in its
--- own schemas can be picked up.  Tables are qualified too; new_rows is the transition table.
--- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION bench.emit_case_stmt_insert_q() RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-AS $$
-BEGIN
-    INSERT INTO crm_bridge.event (object, event, ids, origin_role, origin)
-    SELECT 'case', 'create', ARRAY[n.account_id::pg_catalog.text, n.case_id::pg_catalog.text],
-           session_user, pg_catalog.current_setting('crm_bridge.origin', true)
-      FROM new_rows n;
-    IF FOUND AND NOT pg_catalog.pg_try_advisory_xact_lock_shared(1668441442, 1)
-       AND pg_catalog.pg_notification_queue_usage() OPERATOR(pg_catalog.<) 0.5::pg_catalog.float8 THEN
-        PERFORM pg_catalog.pg_notify('crm_bridge', '{"xid":'
-            OPERATOR(pg_catalog.||) pg_catalog.pg_current_xact_id()::pg_catalog.text
-            OPERATOR(pg_catalog.||) '}');
-    END IF;
     RETURN NULL;
 END
 $$;

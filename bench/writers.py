@@ -29,7 +29,8 @@ class WriteResult:
 
 
 class Pgbench:
-    """Runs one SQL script with N clients for a number of seconds."""
+    """Runs one SQL script with N clients for a number of seconds, or a number of transactions
+    per client."""
 
     name = "pgbench"
 
@@ -38,12 +39,13 @@ class Pgbench:
         self.dsn = dsn
         self.workdir = workdir
 
-    def run(self, script: str, clients: int, seconds: int) -> WriteResult:
+    def run(self, script: str, clients: int, seconds: int = 0, transactions: int = 0) -> WriteResult:
         path = self.workdir / f"script-{abs(hash(script))}.sql"
         path.write_text(script.rstrip().rstrip(";") + ";\n")
+        length = f"--transactions={transactions}" if transactions else f"--time={max(1, int(seconds))}"
         cmd = [str(self.exe), "--no-vacuum", "--protocol=prepared", f"--client={clients}",
-               f"--jobs={min(clients, 2)}", f"--time={max(1, int(seconds))}", f"--file={path}", self.dsn]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+               f"--jobs={min(clients, 2)}", length, f"--file={path}", self.dsn]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + transactions * clients / 100 + 120)
         out = proc.stdout + proc.stderr
         done = re.search(r"number of transactions actually processed: (\d+)", out)
         tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
@@ -62,8 +64,9 @@ class PythonWriters:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
 
-    def run(self, script: str, clients: int, seconds: int) -> WriteResult:
+    def run(self, script: str, clients: int, seconds: int = 0, transactions: int = 0) -> WriteResult:
         conns = [psycopg.connect(self.dsn, autocommit=True) for _ in range(clients)]
+        seconds = seconds or 24 * 3600
         counts = [0] * clients
         start = threading.Barrier(clients + 1)
         deadline = 0.0
@@ -73,7 +76,7 @@ class PythonWriters:
             cur = conns[i].cursor()
             start.wait()
             try:
-                while time.monotonic() < deadline:
+                while time.monotonic() < deadline and counts[i] != transactions:
                     cur.execute(script, prepare=True)
                     counts[i] += 1
             except BaseException as exc:  # reported by the caller

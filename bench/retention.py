@@ -1,0 +1,133 @@
+"""Tables stay bounded (goal 8): events delivered with a short retention, every crm_bridge
+relation's size and dead tuples after vs. before, round over round.
+
+The daemon runs with a retention of ``retention_window`` seconds (its own settings,
+``retention_days`` and ``retention_interval``, through its environment).  A warm-up round brings
+the tables to their working size ("before"); then each measured round writes its events with
+8 writers while the daemon delivers, waits until every call arrived, waits out the retention
+window, and reads pg_total_relation_size and pg_stat_user_tables for every table and partition
+in schema crm_bridge, whatever the engine has.  A relation is flagged when it grew to more than
+1.5x its size before, or grew from one round to the next (beyond a small slack: a page here and
+there is not growth).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+from . import variants as V
+from .context import Ctx
+from .drain import BACKLOG_WRITERS, await_calls
+from .report import Table
+from .sqlq import BQ
+
+FLAT = 1.5                   # goal: after ≤ 1.5 x before
+ROUND_GROWTH = 1.1           # round over round: more than this is growth...
+SLACK_BYTES = 1 << 20        # ...and more than this many bytes
+SLACK_DEAD = 10_000          # dead tuples: the same, in tuples
+
+
+@dataclass(frozen=True)
+class Rel:
+    bytes: int
+    live: int
+    dead: int
+    vacuums: int
+
+
+def sizes(ctx: Ctx) -> dict[str, Rel]:
+    return {str(name): Rel(int(b), int(live), int(dead), int(vac))
+            for name, b, live, dead, vac in ctx.conn.execute(BQ.relation_sizes).fetchall()}
+
+
+def grew(before: int, after: int, factor: float, slack: int) -> bool:
+    return after > before * factor and after - before > slack
+
+
+def growth(seen: list[Rel | None]) -> list[str]:
+    """Why a relation's series (before, after round 1, 2...) is not flat: above FLAT x before, or
+    above ROUND_GROWTH x the previous round, in size or in dead tuples."""
+    out = []
+    before = seen[0] or Rel(0, 0, 0, 0)
+    for i, (prev, now) in enumerate(itertools.pairwise(seen), start=1):
+        if now is None:
+            continue
+        if grew(before.bytes, now.bytes, FLAT, SLACK_BYTES) or grew(before.dead, now.dead, FLAT, SLACK_DEAD):
+            out.append(f"> {FLAT:g}x before after round {i}")
+        if i > 1 and prev is not None and (grew(prev.bytes, now.bytes, ROUND_GROWTH, SLACK_BYTES)
+                                           or grew(prev.dead, now.dead, ROUND_GROWTH, SLACK_DEAD)):
+            out.append(f"grew in round {i}")
+    return out
+
+
+def _mb(b: int) -> str:
+    return f"{b / 1048576:.2f} MB"
+
+
+def retention(ctx: Ctx) -> None:
+    s = ctx.sizes
+    env = {"CRM_BRIDGE_RETENTION_DAYS": repr(s.retention_window / 86400),
+           "CRM_BRIDGE_RETENTION_INTERVAL": repr(s.retention_interval)}
+    rounds = [("warm-up", s.retention_warmup)] + [(f"round {i + 1}", s.retention_round)
+                                                  for i in range(s.retention_rounds)]
+    ctx.log(f"bounded tables: {' + '.join(f'{n:,}' for _, n in rounds)} events, retention "
+            f"{s.retention_window:g} s (pass every {s.retention_interval:g} s)")
+    ctx.set_urls(["/retention"])
+    ctx.reset(V.BRIDGE)
+    snaps: list[dict[str, Rel]] = []
+    statuses: list[str] = []
+    cut: list[str] = []
+    with ctx.daemon(env):
+        for label, events in rounds:
+            ctx.rx.reset()
+            t0 = time.time()
+            written = ctx.writers.run(BQ.insert_one, BACKLOG_WRITERS,
+                                      transactions=max(1, events // BACKLOG_WRITERS)).transactions
+            got = await_calls(ctx, written, t0, s.retention_limit)
+            statuses.append(f"{label}: {got.received:,} delivered in {got.seconds:.0f} s"
+                            + ("" if got.complete else f" (cut, {written:,} written)"))
+            if not got.complete:
+                cut.append(label)
+            ctx.log(f"    {statuses[-1]}; waiting {s.retention_window + s.retention_settle:g} s for retention")
+            time.sleep(s.retention_window + s.retention_settle)
+            snaps.append(sizes(ctx))
+    names = sorted(set().union(*snaps))
+    series = {name: [snap.get(name) for snap in snaps] for name in names}
+    series["all crm_bridge"] = [Rel(sum(r.bytes for r in snap.values()), sum(r.live for r in snap.values()),
+                                    sum(r.dead for r in snap.values()), 0) for snap in snaps]
+    flagged: list[str] = []
+    t = Table(f"Bounded tables: every crm_bridge relation after each round (retention {s.retention_window:g} s)",
+              ["relation", "before (after warm-up)", *(f"after round {i}" for i in range(1, len(snaps))),
+               "last ÷ before", "dead tuples (before → rounds)", "vacuums", "flag"])
+    for name, seen in series.items():
+        flags = growth(seen)
+        if flags:
+            flagged.append(name)
+        flags += (["new"] if seen[0] is None else []) + (["gone"] if seen[-1] is None else [])
+        first, last = seen[0], seen[-1]
+        t.rows.append([name, *("—" if a is None else _mb(a.bytes) for a in seen),
+                       f"{last.bytes / first.bytes:.2f}" if first and last and first.bytes else "n/a",
+                       " → ".join("—" if a is None else f"{a.dead:,}" for a in seen),
+                       " → ".join("—" if a is None else str(a.vacuums) for a in seen) if name in names else "",
+                       "; ".join(flags)])
+    totals = series["all crm_bridge"]
+    t.notes += [
+        f"Daemon settings: retention_days = {s.retention_window:g} s / 86,400, retention_interval = "
+        f"{s.retention_interval:g} s; after each round the bench waits {s.retention_window + s.retention_settle:g} s "
+        "(the window and a pass) before reading sizes.",
+        f"Events written by {BACKLOG_WRITERS} pgbench clients (1-row transactions) while the daemon delivers; "
+        + "; ".join(statuses) + ".",
+        f"Flag: size (with indexes and TOAST) or dead tuples above {FLAT:g}x before, or above {ROUND_GROWTH:g}x "
+        f"the previous round, by more than {SLACK_BYTES >> 20} MB / {SLACK_DEAD:,} tuples; 'new': a relation "
+        "created since (e.g. a partition).",
+    ]
+    ctx.report.tables.append(t)
+    delivered = s.retention_round * s.retention_rounds
+    ctx.report.set("8", (f"{totals[-1].bytes / totals[0].bytes:.2f}x before in all; "
+                         if totals[0] and totals[-1] and totals[0].bytes else "")
+                   + (f"grew: {', '.join(flagged)}" if flagged else "no relation grew"),
+                   not flagged and not cut, f"{delivered:,} events in {s.retention_rounds} rounds after a "
+                                            f"{s.retention_warmup:,}-event warm-up"
+                   + (f"; NOT all delivered: {', '.join(cut)}" if cut else ""))
