@@ -193,9 +193,9 @@ SELECT coalesce(d.finished_at, d.updated_at), d.id, d.event_id, d.trigger_id, d.
 DELETE FROM crm_bridge.queue d WHERE d.status IN ('delivered', 'unrouted', 'coalesced', 'cancelled');
 DROP TABLE crm_bridge.attempt;
 -- Call ids continue after every id in use (rows inserted with explicit ids never moved the sequence).
-SELECT pg_catalog.setval('crm_bridge.call_id_seq'::pg_catalog.regclass,
-                         greatest((SELECT max(q.id) FROM crm_bridge.queue q), (SELECT max(h.call_id) FROM crm_bridge.history h),
-                                  (SELECT s.last_value FROM crm_bridge.call_id_seq s), 1));
+SELECT pg_catalog.setval('crm_bridge.call_id_seq'::pg_catalog.regclass, x.m)
+  FROM (SELECT greatest((SELECT max(q.id) FROM crm_bridge.queue q), (SELECT max(h.call_id) FROM crm_bridge.history h)) AS m) x
+ WHERE x.m > (SELECT s.last_value FROM crm_bridge.call_id_seq s);
 
 -- ---------------------------------------------------------------------------------------------
 -- batch: the calls one claim gave one daemon, under one lease.  One index (the key): records and
