@@ -119,8 +119,10 @@ class ReceiverProcess:
 class DaemonProcess:
     """The real daemon, `python -m bridge.cli --dsn DSN run`, with its log in a file."""
 
-    def __init__(self, dsn: str, workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, dsn: str, workdir: Path, env: dict[str, str] | None = None, *,
+                 source: Path = REPO) -> None:
         self.dsn = dsn
+        self.source = source         # the tree whose bridge/ runs (bench.profile_calls --compare)
         self.env = {**os.environ, "CRM_BRIDGE_LOG_LEVEL": "INFO", **(env or {})}
         self.env.pop("CRM_BRIDGE_DSN", None)
         fd, name = tempfile.mkstemp(prefix="daemon-", suffix=".log", dir=workdir)
@@ -133,7 +135,7 @@ class DaemonProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self._command(),
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                cwd=self.source, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while "ready: listening" not in self.log_path.read_text(errors="replace")[offset:]:
             if self.proc.poll() is not None:
