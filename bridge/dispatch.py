@@ -5,7 +5,8 @@ Tasks (all in one anyio task group; if one dies the daemon stops loudly):
 * main loop   drain (claim new events, then due retries) until there is nothing to claim; then
               take the idle lock, drain once more (closes the race with writers that committed
               before the lock) and wait for a NOTIFY, a local wake-up or the fallback poll.
-* deliveries  one task per claimed delivery; per-URL slots bound what one URL can hold.
+* deliveries  a pool of sender tasks (grown on demand up to the concurrency) takes claimed
+              deliveries from a queue; per-URL slots bound what one URL can hold.
 * flusher     writes outcomes in batches (one statement per batch).
 * heartbeat   extends the leases of held deliveries.
 * maintenance recovers expired leases of dead daemons, cancels orphans, applies retention.
@@ -13,6 +14,7 @@ Tasks (all in one anyio task group; if one dies the daemon stops loudly):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -120,6 +122,12 @@ class Daemon:
         self._url_limit: dict[int, int] = {}
         self._held = 0
         self._held_ids: set[int] = set()
+        # Claimed deliveries waiting for a sender, and senders (tasks running _sender) that are
+        # waiting for work or have been started and not yet taken any: a handoff through a
+        # queue costs a fifth of a task per call (bench/profile_calls.py).
+        self._sendq: asyncio.Queue[Delivery] | None = None
+        self._senders = 0
+        self._idle_senders = 0
         self._last_recorded = -math.inf   # monotonic times outcomes were last recorded and
         self._last_dispatched = -math.inf  # events last dispatched (see _recently)
         self._results: list[tuple[Delivery, Outcome]] = []
@@ -150,6 +158,7 @@ class Daemon:
         own_client = self._client is None
         client = self._client or client_for(s)
         self._client = client
+        self._sendq, self._senders, self._idle_senders = asyncio.Queue(), 0, 0
         self._pool = AsyncConnectionPool(
             s.dsn, min_size=2, max_size=6, open=False, name="crm-bridge",
             kwargs={"autocommit": True, "application_name": "crm-bridge", **CONNECT_KWARGS},
@@ -374,8 +383,11 @@ class Daemon:
         return bool(events or due)
 
     async def _spawn(self, conn: psycopg.AsyncConnection, tg: TaskGroup, rows: list[dict]) -> None:
-        """Start a task per claimed delivery.  A row that cannot become a Delivery (whatever a CRM
-        writer or an admin put in it) is a dead letter with the reason; the others go ahead."""
+        """Hand every claimed delivery to a sender, starting one when none is free.  A row that
+        cannot become a Delivery (whatever a CRM writer or an admin put in it) is a dead letter
+        with the reason; the others go ahead."""
+        queue = self._sendq
+        assert queue is not None
         for row in rows:
             try:
                 d = Delivery.from_row(row)
@@ -387,7 +399,26 @@ class Daemon:
             self._held_ids.add(d.id)
             self._url_held[d.trigger_id] = self._url_held.get(d.trigger_id, 0) + 1
             self._url_limit[d.trigger_id] = d.max_in_flight or self.s.max_in_flight_per_url
-            tg.start_soon(self._deliver, d)
+            queue.put_nowait(d)
+            # Every idle sender takes one; start another for the rest.  At most one sender per
+            # delivery held, so never more than the concurrency.
+            if queue.qsize() > self._idle_senders and self._senders < self._held:
+                self._senders += 1
+                self._idle_senders += 1
+                tg.start_soon(self._sender)
+
+    async def _sender(self) -> None:
+        """Send claimed deliveries one after the other until the daemon stops (cancelled with the
+        deliveries' task group, as a task per call was)."""
+        queue = self._sendq
+        assert queue is not None
+        while True:
+            try:
+                d = await queue.get()   # counted idle by whoever made this sender idle
+            finally:
+                self._idle_senders -= 1
+            await self._deliver(d)
+            self._idle_senders += 1
 
     async def _dead_letter_claimed(self, conn: psycopg.AsyncConnection, delivery_id: object, error: str) -> None:
         self.stats.dead += 1
