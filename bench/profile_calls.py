@@ -117,14 +117,15 @@ class Drained:
     receiver_pct: float
 
 
-def raw(rx: ReceiverProcess, count: int) -> Raw:
-    """The raw-client ceiling: httpx on the daemon's transport, its own process, CPU from rusage."""
+def raw(rx: ReceiverProcess, count: int, source: Path = REPO) -> Raw:
+    """The raw-client ceiling: httpx on the daemon's client (``source``'s bridge.http), its own
+    process, CPU from rusage."""
     rx.reset()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         [sys.executable, "-m", "bench.rawclient", "--lib", "httpx-aiohttp", "--url", rx.url("/raw"),
          "--count", str(count), "--concurrency", str(CONCURRENCY)],
-        cwd=REPO, capture_output=True, text=True, timeout=max(60, count / 100))
+        cwd=source, capture_output=True, text=True, timeout=max(60, count / 100))
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"raw client failed:\n{proc.stderr[-2000:]}")
@@ -133,7 +134,8 @@ def raw(rx: ReceiverProcess, count: int) -> Raw:
         raise RuntimeError(f"raw client: {result['errors']} non-200 answers")
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     out = Raw(count / result["seconds"], cpu / count * 1000)
-    log(f"raw httpx-aiohttp x{CONCURRENCY}: {out.rate:.0f} req/s, {out.cpu_ms:.3f} ms CPU/request")
+    which = "" if source == REPO else f" of {source}"
+    log(f"raw httpx-aiohttp{which} x{CONCURRENCY}: {out.rate:.0f} req/s, {out.cpu_ms:.3f} ms CPU/request")
     return out
 
 
@@ -313,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     extra_env = dict(item.split("=", 1) for item in args.env)
     sources = [REPO] + ([args.compare.resolve()] if args.compare else [])
     drains: dict[Path, list[Drained]] = {src: [] for src in sources}
-    raws: list[Raw] = []
+    # Each tree's daemon against the raw client on that tree's own HTTP client (bridge.http).
+    raws: dict[Path, list[Raw]] = {src: [] for src in sources}
     with ExitStack() as stack:
         workdir = Path(tempfile.mkdtemp(prefix="crm-bridge-profile-"))
         if not args.keep:
@@ -328,25 +331,28 @@ def main(argv: list[str] | None = None) -> int:
         rx = stack.enter_context(ReceiverProcess(workdir))
         conn = stack.enter_context(db.connect())
         for r in range(args.rounds):
-            raws.append(raw(rx, args.events))
-            for src in sources if r % 2 == 0 else reversed(sources):
+            order = sources if r % 2 == 0 else sources[::-1]
+            for src in order:
+                raws[src].append(raw(rx, args.events, src))
+            for src in order:
                 drains[src].append(drain(db, conn, rx, workdir, args.events, args.limit, metrics=args.metrics,
                                          extra_env=extra_env, source=src))
-            raws.append(raw(rx, args.events))
+            for src in order[::-1]:
+                raws[src].append(raw(rx, args.events, src))
         prof = None
         if args.profile:
             out = workdir / "daemon.pyspy.txt"
             dp = drain(db, conn, rx, workdir, args.events, args.limit, metrics=True, profile=out,
                        extra_env=extra_env)
             prof = analyse(out, dp.cpu_ms)
-    raw_rate, raw_cpu = median([r.rate for r in raws]), median([r.cpu_ms for r in raws])
     print(f"\n{args.events:,} one-row events, 1 URL, concurrency {CONCURRENCY}, {args.rounds} round(s); medians")
-    print(f"{'raw httpx-aiohttp':34} {raw_rate:6.0f}/s  (runs: {' / '.join(f'{r.rate:.0f}' for r in raws)})  "
-          f"CPU {raw_cpu * 1000:4.0f} µs/request")
     for src, runs in drains.items():
-        best = sorted(runs, key=lambda d: d.rate)[len(runs) // 2]
-        label = "daemon (this tree)" if src == REPO else f"daemon ({src.name})"
-        print(_drain_line(label, best, raw_rate, raw_cpu)
+        name = "this tree" if src == REPO else src.name
+        raw_rate, raw_cpu = median([r.rate for r in raws[src]]), median([r.cpu_ms for r in raws[src]])
+        print(f"{f'raw httpx-aiohttp ({name})':34} {raw_rate:6.0f}/s  "
+              f"(runs: {' / '.join(f'{r.rate:.0f}' for r in raws[src])})  CPU {raw_cpu * 1000:4.0f} µs/request")
+        mid = sorted(runs, key=lambda d: d.rate)[len(runs) // 2]
+        print(_drain_line(f"daemon ({name})", mid, raw_rate, raw_cpu)
               + (f"  (runs: {' / '.join(f'{d.rate:.0f}' for d in runs)})" if len(runs) > 1 else ""))
     if prof is not None:
         rows, top = prof
