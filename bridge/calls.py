@@ -164,6 +164,8 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
 # query string httpx would take as it is (UrlPlan.target), without parsing the whole URL per call.
 _PLAIN_PARAM = re.compile(r"[A-Za-z0-9._~-]+")
 MAX_PLANS = 10_000
+# httpx refuses longer URLs ("URL too long"); such a call keeps being parsed whole, and refused.
+_MAX_URL_LENGTH = getattr(getattr(httpx, "_urlparse", None), "MAX_URL_LENGTH", 65_536)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +189,7 @@ class UrlPlan:
     def target(self, url: str, query: str) -> httpx.URL | str:
         """The request URL: ``url`` (= prefix + query) parsed, from ``base`` without re-parsing."""
         base = self.base
-        if base is None:
+        if base is None or len(url) > _MAX_URL_LENGTH:
             return url
         if self.method != "GET":
             return base
