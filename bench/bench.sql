@@ -90,6 +90,16 @@ INSERT INTO crm.case (case_id, account_id, subject)
 SELECT 'c' || nextval('bench.case_seq'), 'acc-' || (1 + mod(g, 100)), 'bench'
   FROM generate_series(1, %(rows)s) g;
 
+-- name: insert_single_rows
+-- %(rows)s cases, each written by its own one-row INSERT (one outbox event each), in one transaction.
+DO $$
+BEGIN
+    FOR g IN 1..%(rows)s LOOP
+        INSERT INTO crm.case (case_id, account_id, subject)
+        VALUES ('c' || nextval('bench.case_seq'), 'acc-' || (1 + mod(g, 100)), 'bench');
+    END LOOP;
+END $$;
+
 -- name: insert_named
 -- One case with a caller-chosen ID (the latency bench matches arrivals by it).
 INSERT INTO crm.case (case_id, account_id, subject) VALUES (%(case_id)s, 'acc-1', 'bench');

@@ -119,8 +119,10 @@ class ReceiverProcess:
 class DaemonProcess:
     """The real daemon, `python -m bridge.cli --dsn DSN run`, with its log in a file."""
 
-    def __init__(self, dsn: str, workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, dsn: str, workdir: Path, env: dict[str, str] | None = None, *,
+                 source: Path = REPO) -> None:
         self.dsn = dsn
+        self.source = source         # the tree whose bridge/ runs (bench.profile_calls --compare)
         # Production defaults: no CRM_BRIDGE_* of the caller's and no settings file
         # (/etc/crm-bridge/crm-bridge.toml on a machine that has one); only what ``env`` sets.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("CRM_BRIDGE_")}
@@ -142,7 +144,7 @@ class DaemonProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self._command(),
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                cwd=self.source, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 30.0) -> DaemonProcess:
         """Wait for the daemon's "ready" log line; ``ready_at`` is when it was seen (within 20 ms):

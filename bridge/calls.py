@@ -24,8 +24,10 @@ from datetime import UTC
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+import httpx
+
 from .redact import SECRET_PARAMS, path_secrets
-from .urls import MissingId, call_url, query_string
+from .urls import MissingId, query_string
 
 if TYPE_CHECKING:
     from .deliver import Delivery
@@ -55,19 +57,6 @@ class Call:
     body: bytes
     secrets: tuple[str, ...] = field(default=(), repr=False)  # to scrub from any error text
     static_header_names: tuple[str, ...] = ()                 # not forwarded across origins
-
-
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """Standard Webhooks v1 signature of ``msg_id.timestamp.body`` with a ``whsec_`` secret."""
-    try:
-        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-    except (binascii.Error, ValueError):
-        raise CallConfigError("the signing secret is not valid base64 (set it again with "
-                              "crm_bridge.set_signing_secret)") from None
-    if not key:
-        raise CallConfigError("the signing secret is empty")
-    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(mac).decode("ascii")
 
 
 def _parse_headers(raw: object, trigger_id: int | None) -> object:
@@ -125,18 +114,163 @@ def url_secrets(url: str) -> list[str]:
     return [s for v in found for s in {v, unquote(v)} if len(s) >= MIN_SECRET_LEN]
 
 
-def call_secrets(d: Delivery) -> tuple[str, ...]:
-    """Every configured value that must never appear in an error message or a log line."""
+def _secrets(d: Delivery) -> tuple[str, ...]:
     out = url_secrets(d.url or "")
     try:
         headers = _parse_headers(d.headers, d.trigger_id)
     except CallConfigError:
-        headers = None  # build_call refuses them with that reason; nothing is sent
+        headers = None  # the plan refuses them with that reason; nothing is sent
     if isinstance(headers, dict):
         out += [v for v in headers.values() if isinstance(v, str) and len(v) >= MIN_SECRET_LEN]
     if d.signing_secret:
         out += [d.signing_secret, d.signing_secret.removeprefix("whsec_")]
     return tuple(out)
+
+
+def call_secrets(d: Delivery) -> tuple[str, ...]:
+    """Every configured value that must never appear in an error message or a log line."""
+    try:
+        return plan_for(d).secrets
+    except Exception:  # a row no plan can be made from (a bug, odd data): what can be found
+        try:
+            return _secrets(d)
+        except Exception:
+            return ()
+
+
+def _signing_key(secret: str) -> bytes:
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise CallConfigError("the signing secret is not valid base64 (set it again with "
+                              "crm_bridge.set_signing_secret)") from None
+    if not key:
+        raise CallConfigError("the signing secret is empty")
+    return key
+
+
+def _signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode("ascii")
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """Standard Webhooks v1 signature of ``msg_id.timestamp.body`` with a ``whsec_`` secret."""
+    return _signature(_signing_key(secret), msg_id, timestamp, body)
+
+
+# -- per-URL plans ---------------------------------------------------------------------------------
+# Query parameter names that need no percent-encoding: a GET URL is then the parsed base URL plus a
+# query string httpx would take as it is (UrlPlan.target), without parsing the whole URL per call.
+_PLAIN_PARAM = re.compile(r"[A-Za-z0-9._~-]+")
+MAX_PLANS = 10_000
+# httpx refuses longer URLs ("URL too long"); such a call keeps being parsed whole, and refused.
+_MAX_URL_LENGTH = getattr(getattr(httpx, "_urlparse", None), "MAX_URL_LENGTH", 65_536)
+
+
+@dataclass(frozen=True, slots=True)
+class UrlPlan:
+    """What every call of one URL configuration has in common, prepared once (plan_for) rather
+    than per call: the method, the URL the IDs are appended to (parsed once), the validated static
+    headers, the decoded signing key and the values to scrub from error texts."""
+
+    fingerprint: tuple[object, ...]   # the row's configuration this plan was made from
+    method: str
+    prefix: str                        # GET: the URL and the "?" or "&" to append the IDs to; POST: the URL
+    id_params: tuple[str, ...]
+    headers: tuple[tuple[str, str], ...]  # static headers (and Content-Type for POST)
+    static_header_names: tuple[str, ...]
+    secrets: tuple[str, ...] = field(repr=False)
+    key: bytes | None = field(default=None, repr=False)
+    error: str | None = None           # the configuration cannot make a request (CallConfigError)
+    key_error: str | None = None       # the signing secret is unusable (raised after the IDs' checks)
+    base: httpx.URL | None = None      # ``prefix`` parsed, when the fast path is exact for this URL
+
+    def target(self, url: str, query: str) -> httpx.URL | str:
+        """The request URL: ``url`` (= prefix + query) parsed, from ``base`` without re-parsing."""
+        base = self.base
+        if base is None or len(url) > _MAX_URL_LENGTH:
+            return url
+        if self.method != "GET":
+            return base
+        ref = base._uri_reference
+        out = httpx.URL.__new__(httpx.URL)
+        out._uri_reference = ref._replace(query=(ref.query or "") + query)
+        return out
+
+
+def _parsed_base(method: str, prefix: str, id_params: tuple[str, ...]) -> httpx.URL | None:
+    """``prefix`` as an httpx.URL when appending a query to it is exactly what parsing the whole
+    URL gives (checked once here on a sample); None: parse every call's URL (odd URLs, odd names)."""
+    try:
+        base = httpx.URL(prefix)
+        if method != "GET":
+            return base
+        if not all(_PLAIN_PARAM.fullmatch(p) for p in id_params) or not isinstance(
+                getattr(base, "_uri_reference", None), tuple):
+            return None
+        sample = "&".join(f"{p}=a%20b-{i}" for i, p in enumerate(id_params or ("x",)))
+        plan_url = httpx.URL.__new__(httpx.URL)
+        plan_url._uri_reference = base._uri_reference._replace(query=(base._uri_reference.query or "") + sample)
+        whole = httpx.URL(prefix + sample)
+        if plan_url != whole or str(plan_url) != str(whole) or plan_url.raw_path != whole.raw_path:
+            return None
+    except Exception:  # an invalid URL: every call reports it (deliver.attempt)
+        return None
+    return base
+
+
+def _make_plan(d: Delivery, fingerprint: tuple[object, ...]) -> UrlPlan:
+    assert d.url is not None
+    secrets = _secrets(d)
+    method = (d.method or "GET").upper()
+    id_params = tuple(d.id_params)
+    if method not in METHODS:
+        return UrlPlan(fingerprint, method, d.url, id_params, (), (), secrets,
+                       error=f"crm_trigger {d.trigger_id}: method {method[:20]!r} is not GET or POST")
+    try:
+        headers = static_headers(d.headers, d.trigger_id)
+    except CallConfigError as exc:
+        return UrlPlan(fingerprint, method, d.url, id_params, (), (), secrets, error=str(exc))
+    configured = tuple(name for name, _ in headers)
+    authority = d.url.partition("://")[2].split("/", 1)[0].split("?", 1)[0]
+    if "@" in authority and any(n.lower() == "authorization" for n, _ in headers):
+        return UrlPlan(fingerprint, method, d.url, id_params, (), (), secrets,
+                       error=f"crm_trigger {d.trigger_id}: the URL has credentials and headers set "
+                             "Authorization: use one or the other")
+    if method == "GET":
+        prefix = d.url + ("" if d.url.endswith(("?", "&")) else "&" if "?" in d.url else "?")
+    else:
+        prefix = d.url
+        headers.append(("Content-Type", "application/json"))
+    key = key_error = None
+    if d.signing_secret:
+        try:
+            key = _signing_key(d.signing_secret)
+        except CallConfigError as exc:
+            key_error = str(exc)
+    return UrlPlan(fingerprint, method, prefix, id_params, tuple(headers), configured, secrets, key, None,
+                   key_error, _parsed_base(method, prefix, id_params))
+
+
+_plans: dict[int | None, UrlPlan] = {}
+
+
+def plan_for(d: Delivery) -> UrlPlan:
+    """The plan for ``d``'s URL, made when its configuration (URL, method, headers, signing secret,
+    ID names) differs from the one the cached plan was made from: a change in crm_trigger takes
+    effect with the next call that carries it."""
+    headers = d.headers
+    fingerprint = (d.url, d.method, headers, d.signing_secret, tuple(d.id_params))
+    plan = _plans.get(d.trigger_id)
+    if plan is not None and plan.fingerprint == fingerprint:
+        return plan
+    plan = _make_plan(d, fingerprint)
+    if headers is None or isinstance(headers, str | bytes):  # a parsed (mutable) value: not cached
+        if len(_plans) >= MAX_PLANS:
+            _plans.clear()
+        _plans[d.trigger_id] = plan
+    return plan
 
 
 # A JSON string (PostgreSQL escapes '"', '\\' and control characters in it) or JSON whitespace.
@@ -201,29 +335,31 @@ def json_body(d: Delivery) -> bytes:
     return envelope.encode()
 
 
+def make_call(plan: UrlPlan, d: Delivery, *, now: float | None = None) -> tuple[Call, str]:
+    """The request for one attempt with ``plan`` (plan_for(d)), and its query string (GET).
+    Raises MissingId or CallConfigError (both permanent)."""
+    if plan.error is not None:
+        raise CallConfigError(plan.error)
+    if plan.method == "GET":
+        query = query_string(plan.id_params, d.ids)
+        url, body = plan.prefix + query, b""
+    else:
+        query, url, body = "", plan.prefix, json_body(d)
+    msg_id = str(d.event_id)
+    headers = [*plan.headers, ("Idempotency-Key", msg_id), ("webhook-id", msg_id)]
+    if plan.key_error is not None:
+        raise CallConfigError(plan.key_error)
+    if plan.key is not None:
+        ts = int(time.time() if now is None else now)
+        headers += [("webhook-timestamp", str(ts)), ("webhook-signature", _signature(plan.key, msg_id, ts, body))]
+    return Call(plan.method, url, headers, body, plan.secrets, plan.static_header_names), query
+
+
 def build_call(d: Delivery, *, now: float | None = None) -> Call:
     """The request for one attempt.  Raises MissingId or CallConfigError (both permanent)."""
     assert d.url is not None
-    method = (d.method or "GET").upper()
-    if method not in METHODS:
-        raise CallConfigError(f"crm_trigger {d.trigger_id}: method {method[:20]!r} is not GET or POST")
-    headers = static_headers(d.headers, d.trigger_id)
-    configured = tuple(name for name, _ in headers)
-    authority = d.url.partition("://")[2].split("/", 1)[0].split("?", 1)[0]
-    if "@" in authority and any(n.lower() == "authorization" for n, _ in headers):
-        raise CallConfigError(f"crm_trigger {d.trigger_id}: the URL has credentials and headers set "
-                              "Authorization: use one or the other")
-    if method == "GET":
-        url, body = call_url(d.url, d.id_params, d.ids), b""
-    else:
-        url, body = d.url, json_body(d)
-        headers.append(("Content-Type", "application/json"))
-    msg_id = str(d.event_id)
-    headers += [("Idempotency-Key", msg_id), ("webhook-id", msg_id)]
-    if d.signing_secret:
-        ts = int(time.time() if now is None else now)
-        headers += [("webhook-timestamp", str(ts)), ("webhook-signature", sign(d.signing_secret, msg_id, ts, body))]
-    return Call(method, url, headers, body, call_secrets(d), configured)
+    return make_call(plan_for(d), d, now=now)[0]
 
 
-__all__ = ["Call", "CallConfigError", "MissingId", "build_call", "call_secrets", "sign", "static_headers"]
+__all__ = ["Call", "CallConfigError", "MissingId", "UrlPlan", "build_call", "call_secrets", "make_call",
+           "plan_for", "sign", "static_headers"]

@@ -6,7 +6,8 @@ Tasks (all in one anyio task group; if one dies the daemon stops loudly):
               nothing to claim; then take the idle lock, drain once more (closes the race with
               writers that committed before the lock) and wait for a NOTIFY, a local wake-up or
               the fallback poll.
-* deliveries  one task per claimed call; a per-URL limiter bounds how many one URL has running.
+* deliveries  a pool of sender tasks (grown on demand up to the calls held) takes claimed calls
+              from a queue; a per-URL limiter bounds how many calls one URL has running.
 * flusher     records a batch in one statement when all its calls are done (or, after
               BATCH_RECORD_AFTER seconds, what is done: the rest are then held one by one in the
               queue), and outcomes of calls held one by one in one statement per flush.
@@ -16,6 +17,7 @@ Tasks (all in one anyio task group; if one dies the daemon stops loudly):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -159,6 +161,12 @@ class Daemon:
         self._held_ids: set[int] = set()        # calls held one by one (queue rows of this worker)
         self._batches: dict[int, _Batch] = {}   # batches held, by id
         self._call_batch: dict[int, _Batch] = {}  # call id -> the batch that holds it
+        # Claimed deliveries waiting for a sender, and senders (tasks running _sender) that are
+        # waiting for work or have been started and not yet taken any: a handoff through a
+        # queue costs a fifth of a task per call (bench/profile_calls.py).
+        self._sendq: asyncio.Queue[Delivery] | None = None
+        self._senders = 0
+        self._idle_senders = 0
         self._last_recorded = -math.inf   # monotonic times outcomes were last recorded and
         self._last_dispatched = -math.inf  # events last dispatched (see _recently)
         self._results: list[tuple[Delivery, Outcome]] = []
@@ -191,6 +199,7 @@ class Daemon:
         own_client = self._client is None
         client = self._client or client_for(s)
         self._client = client
+        self._sendq, self._senders, self._idle_senders = asyncio.Queue(), 0, 0
         self._pool = AsyncConnectionPool(
             s.dsn, min_size=2, max_size=6, open=False, name="crm-bridge",
             kwargs={"autocommit": True, "application_name": "crm-bridge", **CONNECT_KWARGS},
@@ -429,9 +438,12 @@ class Daemon:
         return bool(events or due)
 
     async def _spawn(self, conn: psycopg.AsyncConnection, tg: TaskGroup, rows: list[dict]) -> None:
-        """Start a task per claimed call.  A row that cannot become a Delivery (whatever a CRM
-        writer or an admin put in it) is a dead letter with the reason; the others go ahead.
-        Calls of a batch are tracked with it (recorded together, see _flush_batches)."""
+        """Hand every claimed call to a sender, starting one when none is free.  A row that cannot
+        become a Delivery (whatever a CRM writer or an admin put in it) is a dead letter with the
+        reason; the others go ahead.  Calls of a batch are tracked with it (recorded together,
+        see _flush_batches)."""
+        queue = self._sendq
+        assert queue is not None
         batches: dict[int, _Batch] = {}
         settings: dict[int, dict] = {}
         for row in rows:
@@ -472,14 +484,32 @@ class Daemon:
             self._url_limit[d.trigger_id] = limit
             slots = self._url_slots.get(d.trigger_id)
             if slots is None:
-                slots = self._url_slots[d.trigger_id] = anyio.CapacityLimiter(limit)
+                self._url_slots[d.trigger_id] = anyio.CapacityLimiter(limit)
             elif slots.total_tokens != limit:
                 slots.total_tokens = limit
-            tg.start_soon(self._deliver, d, slots)
+            queue.put_nowait(d)
+            # Every idle sender takes one; start another for the rest.  At most one sender per
+            # call held (a sender may wait for its URL's limiter), so never more than that.
+            if queue.qsize() > self._idle_senders and self._senders < self._held:
+                self._senders += 1
+                self._idle_senders += 1
+                tg.start_soon(self._sender)
         for batch in batches.values():
             if batch.done:   # every call of it failed to load
                 self._results_ready.set()
 
+    async def _sender(self) -> None:
+        """Send claimed calls one after the other until the daemon stops (cancelled with the
+        deliveries' task group, as a task per call was)."""
+        queue = self._sendq
+        assert queue is not None
+        while True:
+            try:
+                d = await queue.get()   # counted idle by whoever made this sender idle
+            finally:
+                self._idle_senders -= 1
+            await self._deliver(d)
+            self._idle_senders += 1
 
     async def _dead_letter_claimed(self, conn: psycopg.AsyncConnection, delivery_id: object, error: str) -> None:
         self.stats.dead += 1
@@ -504,10 +534,10 @@ class Daemon:
             return
         log.error("delivery %d is dead: %s", delivery_id, reason)
 
-    async def _deliver(self, d: Delivery, slots: anyio.CapacityLimiter) -> None:
-        assert self._client is not None
+    async def _deliver(self, d: Delivery) -> None:
+        assert self._client is not None and d.trigger_id is not None
         try:
-            async with slots:
+            async with self._url_slots[d.trigger_id]:   # the URL's max_in_flight
                 outcome = await attempt(self._client, self.policy, d, self.s)
         except Exception as exc:  # attempt() never raises; if it ever did, one dead letter, not a dead daemon
             outcome = Outcome("dead", error=safe_text(scrub(f"unexpected error: {type(exc).__name__}: {exc}",

@@ -57,6 +57,29 @@ def test_static_headers_are_sent_as_configured(db, receiver, daemon):
     assert call.headers["User-Agent"] == "crm-bridge/0.1"
 
 
+def test_a_changed_url_method_or_headers_take_effect_with_the_next_call(db, receiver, daemon):
+    # What every call of a URL shares is prepared once per configuration (calls.plan_for): each
+    # change in crm_trigger must be seen by the next call, without a restart.
+    tid = db.add_url("customer", "create", receiver.url("/v1"), headers=Jsonb({"X-Version": "one"}))
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-1', 'x')")
+    [call] = receiver.wait_for(1)
+    assert (call.target, call.headers["X-Version"]) == ("/v1?AccountID=acc-1", "one")
+
+    db.execute("UPDATE crm_bridge.crm_trigger SET url = %s, headers = %s WHERE id = %s",
+               [receiver.url("/v2?src=crm"), Jsonb({"X-Version": "two", "X-Tenant": "acme"}), tid])
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-2', 'x')")
+    call = receiver.wait_for(1, "/v2")[0]
+    assert call.target == "/v2?src=crm&AccountID=acc-2"
+    assert (call.headers["X-Version"], call.headers["X-Tenant"]) == ("two", "acme")
+
+    db.execute("UPDATE crm_bridge.crm_trigger SET method = 'POST', headers = NULL WHERE id = %s", [tid])
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-3', 'x')")
+    call = receiver.wait_for(2, "/v2")[1]
+    assert (call.method, call.target) == ("POST", "/v2?src=crm")
+    assert json.loads(call.body)["ids"] == {"AccountID": "acc-3"}
+    assert "X-Version" not in call.headers and "X-Tenant" not in call.headers
+
+
 @pytest.mark.parametrize(("headers", "message"), [
     (["X-A", "b"], "headers must be a JSON object"),
     ({"X-A": 1}, 'header "X-A" must have a string value (got a JSON number)'),

@@ -64,6 +64,26 @@ def test_every_retry_is_signed_afresh_with_the_same_message_id(db, receiver, dae
     assert first.headers["webhook-id"] == second.headers["webhook-id"]
 
 
+def test_a_rotated_signing_secret_signs_the_very_next_call_and_clearing_it_stops_signing(db, receiver, daemon):
+    # The daemon prepares a URL's signing key once (calls.plan_for); a new secret must not wait
+    # for a restart or a cache expiry.
+    tid = db.add_url("customer", "create", receiver.url("/rotated"))
+    first = db.one("SELECT crm_bridge.set_signing_secret(%s)", [tid])
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-1', 'x')")
+    verify(first, receiver.wait_for(1)[0])
+    second = db.one("SELECT crm_bridge.set_signing_secret(%s)", [tid])
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-2', 'x')")
+    call = receiver.wait_for(2)[1]
+    verify(second, call)
+    with pytest.raises(WebhookVerificationError):
+        verify(first, call)
+    db.one("SELECT crm_bridge.clear_signing_secret(%s)", [tid])
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-3', 'x')")
+    call = receiver.wait_for(3)[2]
+    assert "webhook-signature" not in call.headers and "webhook-timestamp" not in call.headers
+    assert call.query == "AccountID=acc-3"
+
+
 def test_unsigned_urls_carry_no_signature(db, receiver, daemon):
     db.add_url("customer", "create", receiver.url("/plain"))
     signed = db.add_url("customer", "create", receiver.url("/signed"))
@@ -89,6 +109,48 @@ def test_malformed_secrets_are_rejected_without_echoing_them(db, bad):
     with pytest.raises(psycopg.errors.InvalidParameterValue) as exc:
         db.execute("SELECT crm_bridge.set_signing_secret(%s, %s)", [tid, bad])
     assert "signing secret" in str(exc.value) and bad not in str(exc.value)
+
+
+def test_every_configuration_change_of_a_url_makes_a_new_plan_and_an_unchanged_one_reuses_it():
+    """Without a daemon: calls.plan_for keys its cache by URL id and checks the row's whole
+    configuration, so each of these changes is in the very next call."""
+    from datetime import UTC, datetime
+
+    from bridge.calls import build_call, plan_for
+    from bridge.deliver import Delivery
+
+    first, second = ("whsec_" + base64.b64encode(os.urandom(24)).decode() for _ in range(2))
+
+    def delivery(**config) -> Delivery:
+        base = dict(url="https://crm.example/a", method=None, headers=None, signing_secret=None,
+                    id_params=["AccountID"])
+        return Delivery(id=1, event_id=7, object="customer", event="edit", ids=["acc 1"],
+                        event_created_at=datetime(2026, 1, 2, tzinfo=UTC), status="in_flight", attempts=0,
+                        trigger_id=424242, timeout_ms=None, max_attempts=None, retry_schedule=None,
+                        max_in_flight=None, **{**base, **config})
+
+    def header(call, name: str) -> str | None:
+        return dict(call.headers).get(name)
+
+    assert build_call(delivery()).url == "https://crm.example/a?AccountID=acc%201"
+    assert plan_for(delivery()) is plan_for(delivery())   # fresh but equal rows: one plan
+    assert build_call(delivery(url="https://crm.example/b?x=1")).url == "https://crm.example/b?x=1&AccountID=acc%201"
+    assert build_call(delivery(id_params=["CustomerID"])).url == "https://crm.example/a?CustomerID=acc%201"
+    assert header(build_call(delivery(headers='{"X-A": "1"}')), "X-A") == "1"
+    assert header(build_call(delivery(headers='{"X-A": "2"}')), "X-A") == "2"
+    assert header(build_call(delivery()), "X-A") is None
+    for secret in (first, second):
+        call = build_call(delivery(signing_secret=secret))
+        Webhook(secret).verify(call.body, dict(call.headers), json_parse=False)
+        with pytest.raises(WebhookVerificationError):
+            Webhook(second if secret == first else first).verify(call.body, dict(call.headers), json_parse=False)
+    assert header(build_call(delivery()), "webhook-signature") is None
+    post = build_call(delivery(method="POST"))
+    assert (post.method, post.url, json.loads(post.body)["ids"]) == ("POST", "https://crm.example/a",
+                                                                      {"AccountID": "acc 1"})
+    with pytest.raises(ValueError, match="not valid base64"):
+        build_call(delivery(signing_secret="whsec_!!!not base64!!!"))
+    assert build_call(delivery()).method == "GET"          # a broken configuration does not stick
 
 
 def test_sign_matches_the_reference_implementation():
