@@ -3,8 +3,9 @@
 * GET (the seed format): ``<url>?AccountID=…``, empty body.
 * POST: the configured URL as is, JSON body ``{"object","event","ids":{…},"occurred_at","event_id"}``.
 
-Every call carries ``Idempotency-Key`` and ``webhook-id`` (both the event id) so that a receiver
-can drop the duplicates at-least-once delivery may produce.  URLs with a signing secret also get
+Every call carries ``Idempotency-Key`` and ``webhook-id`` (both the call id: one per record and
+URL, kept by retries and replays) so that a receiver can drop the duplicates at-least-once
+delivery may produce.  URLs with a signing secret also get
 Standard Webhooks' ``webhook-timestamp`` and ``webhook-signature`` (``v1,`` + base64 HMAC-SHA256
 of ``id.timestamp.body``).  Static headers come from ``crm_trigger.headers``; the database
 validates them, and they are checked again here because validation can be switched off.
@@ -345,7 +346,9 @@ def make_call(plan: UrlPlan, d: Delivery, *, now: float | None = None) -> tuple[
         url, body = plan.prefix + query, b""
     else:
         query, url, body = "", plan.prefix, json_body(d)
-    msg_id = str(d.event_id)
+    # The call id: one per record and URL, the same on every retry, lease recovery and replay.
+    # (Not the event id: all records of one bulk statement share their event.)
+    msg_id = str(d.id)
     headers = [*plan.headers, ("Idempotency-Key", msg_id), ("webhook-id", msg_id)]
     if plan.key_error is not None:
         raise CallConfigError(plan.key_error)

@@ -82,7 +82,7 @@ def test_redirect_is_followed_when_the_url_opts_in(db, receiver, daemon):
     db.add_url("customer", "create", receiver.url("/moved"), follow_redirects=True)
     new_customer(db)
     [call] = receiver.wait_for(1, "/target")
-    assert call.headers["Idempotency-Key"] == db.one("SELECT event_id::text FROM crm_bridge.delivery")
+    assert call.headers["Idempotency-Key"] == db.one("SELECT id::text FROM crm_bridge.delivery")
     db.wait_until("SELECT status FROM crm_bridge.delivery", expect="delivered")
 
 

@@ -33,18 +33,32 @@ def test_post_sends_the_json_document_to_the_url_as_configured(db, receiver, dae
     assert db.one("SELECT method FROM crm_bridge.crm_trigger") == "POST"  # normalised
 
 
-def test_every_call_carries_the_event_id_as_idempotency_key_also_on_get_and_retries(db, receiver, daemon):
+def test_every_call_carries_its_call_id_as_idempotency_key_also_on_get_and_retries(db, receiver, daemon):
     receiver.answer("/get", Rule(status=503, times=1))
     db.add_url("customer", "delete", receiver.url("/get"))
     db.add_url("customer", "delete", receiver.url("/post"), method="POST")
     db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-i', 'x')")
     db.execute("DELETE FROM crm.customer")
     receiver.wait_for(2)
-    event_id = db.one("SELECT DISTINCT event_id::text FROM crm_bridge.delivery WHERE event = 'delete'")
+    call_ids = {r[0] for r in db.all("SELECT id::text FROM crm_bridge.delivery WHERE event = 'delete'")}
     assert len(receiver.attempts) == 3
     for call in receiver.attempts:
-        assert call.headers["Idempotency-Key"] == event_id
-        assert call.headers["webhook-id"] == event_id
+        assert call.headers["Idempotency-Key"] == call.headers["webhook-id"]
+    assert {c.headers["webhook-id"] for c in receiver.attempts} == call_ids   # the retry kept its id
+
+
+def test_each_record_of_a_bulk_statement_has_its_own_idempotency_key(db, receiver, daemon):
+    """All records of one INSERT share an event (statement capture): with the event id as the key,
+    a receiver that drops repeated keys would have dropped all records but the first."""
+    receiver.answer("/bulk", Rule(status=503, times=1))
+    db.add_url("customer", "create", receiver.url("/bulk"))
+    db.execute("INSERT INTO crm.customer (account_id, name) SELECT 'acc-' || g, 'x' FROM generate_series(1, 5) g")
+    got = receiver.wait_for(5, "/bulk", timeout=20)
+    keys = {c.headers["Idempotency-Key"] for c in got}
+    assert len(keys) == 5
+    first = receiver.attempts[0]            # answered 503, retried with the same key
+    retried = [c for c in got if c.query == first.query]
+    assert [c.headers["Idempotency-Key"] for c in retried] == [first.headers["Idempotency-Key"]]
 
 
 def test_static_headers_are_sent_as_configured(db, receiver, daemon):

@@ -26,7 +26,7 @@ def test_signed_get_verifies_with_the_reference_library(db, receiver, daemon):
     db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-s', 'x')")
     [call] = receiver.wait_for(1)
     verify(secret, call)
-    assert call.headers["webhook-id"] == db.one("SELECT event_id::text FROM crm_bridge.delivery")
+    assert call.headers["webhook-id"] == db.one("SELECT id::text FROM crm_bridge.delivery")
     assert call.headers["webhook-signature"].startswith("v1,")
 
 

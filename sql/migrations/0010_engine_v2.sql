@@ -1268,9 +1268,10 @@ REVOKE ALL ON FUNCTION crm_bridge.apply_grants(name, name, name) FROM PUBLIC;
 -- replay_delivered: send again what one URL was sent (delivered) in [p_since, p_until), because
 -- its receiver lost data.  Reads history (partitions from p_since on), oldest first, in pages of
 -- p_limit calls: pass the returned cursor (last_at, last_call) back to continue.  With p_dry_run
--- nothing is queued (count and cursor only).  Each call is queued anew (pending, due now) for the
--- URL as it is configured now; it keeps its event id, so webhook-id / Idempotency-Key are those of
+-- nothing is queued (count and cursor only).  Each call is queued again (pending, due now) for the
+-- URL as it is configured now, under its own call id, so webhook-id / Idempotency-Key are those of
 -- the original call (as a retry would: a receiver that deduplicates must forget the lost window).
+-- A call already queued again by an overlapping replay is not queued twice.
 -- The row payload is the one sent (history keeps it for include_row URLs).
 -- ---------------------------------------------------------------------------------------------
 CREATE FUNCTION crm_bridge.replay_delivered(
@@ -1313,13 +1314,14 @@ BEGIN
          ORDER BY h.at, h.call_id
          LIMIT p_limit
     ), queued AS (
-        INSERT INTO crm_bridge.queue (event_id, object, event, ids, event_created_at, trigger_id, url, record_key,
+        INSERT INTO crm_bridge.queue (id, event_id, object, event, ids, event_created_at, trigger_id, url, record_key,
                                       "row", ordered, status, next_attempt_at, last_error)
-        SELECT p.event_id, p.object, p.event, p.ids, p.event_created_at, t.id, t.url, p.record_key,
+        SELECT p.call_id, p.event_id, p.object, p.event, p.ids, p.event_created_at, t.id, t.url, p.record_key,
                CASE WHEN t.include_row THEN p."row" END, t.ordered, 'pending', pg_catalog.now(),
-               pg_catalog.format('replay of call %s delivered at %s', p.call_id, p.at)
+               pg_catalog.format('replay of the call delivered at %s', p.at)
           FROM picked p WHERE NOT p_dry_run
          ORDER BY p.at, p.call_id
+        ON CONFLICT (id) DO NOTHING   -- already queued again (an overlapping replay)
         RETURNING 1
     ), last_ AS (
         SELECT p.at, p.call_id FROM picked p ORDER BY p.at DESC, p.call_id DESC LIMIT 1
