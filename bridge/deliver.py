@@ -35,7 +35,7 @@ SIGNING_HEADERS = ("webhook-signature", "webhook-timestamp")
 
 @dataclass(slots=True)
 class Delivery:
-    """A claimed delivery row (see sql/queries.sql: dispatch_events / claim_due)."""
+    """A claimed call (see sql/queries.sql: claim / claim_due)."""
 
     id: int
     event_id: int

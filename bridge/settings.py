@@ -51,8 +51,8 @@ class Settings:
     lease: float = 30.0                   # seconds a claim lives without a heartbeat
     poll_interval: float = 2.0            # fallback poll when no NOTIFY arrives
     grace: float = 10.0                   # seconds to finish in-flight deliveries on SIGTERM
-    retention_days: float = 7.0           # delivered/unrouted/cancelled rows are deleted after this
-    retention_interval: float = 60.0      # seconds between retention passes
+    retention_days: float = 7.0           # history partitions are dropped this long after they end
+    retention_interval: float = 60.0      # seconds between history rotations (at most 60)
     worker_id: str = field(default_factory=_default_worker_id)
     # operations
     log_level: str = "INFO"
