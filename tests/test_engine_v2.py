@@ -149,6 +149,22 @@ def test_rotation_drops_partitions_past_the_retention_and_makes_new_ones(db):
     assert db.one("SELECT max(upper_bound) > now() + interval '2 days' FROM crm_bridge.history_partition")
 
 
+def test_a_shorter_retention_remakes_the_empty_partitions_made_for_a_longer_one(db):
+    db.execute("SELECT crm_bridge.daemon_rotate(interval '7 days')")       # a day wide, days ahead
+    assert db.one("SELECT count(*) FROM crm_bridge.history_partition WHERE upper_bound > now() + interval '2 days'") > 0
+    db.execute("SELECT crm_bridge.daemon_rotate(interval '1 minute')")     # 15 s wide from now on
+    assert db.one("SELECT max(upper_bound - lower_bound) FROM crm_bridge.history_partition "
+                  "WHERE upper_bound > now()") == db.one("SELECT interval '15 seconds'")
+    assert db.one("SELECT max(upper_bound) < now() + interval '10 minutes' FROM crm_bridge.history_partition")
+    # A partition that already holds rows is kept until it ends (its rows are not moved).
+    db.execute("SELECT crm_bridge.daemon_rotate(interval '7 days')")
+    db.execute("""INSERT INTO crm_bridge.history (at, call_id, event_id, object, event, ids, event_created_at,
+                                                  record_key, outcome)
+                  VALUES (now() + interval '20 minutes', 1, 1, 'customer', 'create', '{a}', now(), 'k', 'unrouted')""")
+    db.execute("SELECT crm_bridge.daemon_rotate(interval '1 minute')")
+    assert db.one("SELECT count(*) FROM crm_bridge.history") == 1
+
+
 def test_a_short_retention_gives_short_partitions(db):
     assert db.one("SELECT crm_bridge.history_width(interval '7 days')") == db.one("SELECT interval '1 day'")
     assert db.one("SELECT crm_bridge.history_width(interval '1 hour')") == db.one("SELECT interval '15 minutes'")

@@ -108,6 +108,7 @@ DECLARE
     dropped integer := 0;
     p       record;
     name_   name;
+    busy    boolean;
 BEGIN
     IF p_width IS NULL OR p_width < interval '10 seconds' OR p_ahead IS NULL OR p_retention IS NULL
        OR p_retention <= interval '0' THEN
@@ -117,6 +118,20 @@ BEGIN
     PERFORM pg_catalog.set_config('lock_timeout', '200ms', true);
     DELETE FROM crm_bridge.history_partition h WHERE pg_catalog.to_regclass(
         pg_catalog.quote_ident('crm_bridge') || '.' || pg_catalog.quote_ident(h.relname)) IS NULL;
+    -- Partitions made for a longer retention (wider than twice the width asked for) that reach
+    -- past now and are still empty are made again at the new width, latest first, so that a
+    -- shorter retention takes effect now rather than after them.  The parent is locked first
+    -- (as every writer locks it before a partition).
+    FOR p IN SELECT h.relname FROM crm_bridge.history_partition h
+              WHERE h.upper_bound > pg_catalog.now() AND h.upper_bound - h.lower_bound > 2 * p_width
+              ORDER BY h.lower_bound DESC LOOP
+        LOCK TABLE crm_bridge.history IN ACCESS EXCLUSIVE MODE;
+        EXECUTE pg_catalog.format('SELECT EXISTS (SELECT 1 FROM crm_bridge.%I)', p.relname) INTO busy;
+        EXIT WHEN busy;
+        EXECUTE pg_catalog.format('DROP TABLE crm_bridge.%I', p.relname);
+        DELETE FROM crm_bridge.history_partition h WHERE h.relname = p.relname;
+        dropped := dropped + 1;
+    END LOOP;
     SELECT max(h.upper_bound) INTO hi FROM crm_bridge.history_partition h;
     lo := greatest(hi, pg_catalog.date_trunc('second', pg_catalog.now()));
     WHILE lo < pg_catalog.now() + p_ahead LOOP
@@ -215,6 +230,12 @@ CREATE TABLE crm_bridge.batch (
 -- Out of line but not compressed: pglz took ~10 ms for the array of a 500-call batch (measured),
 -- more than the rest of the claim; the row lives for about a second.
 ALTER TABLE crm_bridge.batch ALTER COLUMN calls SET STORAGE EXTERNAL;
+-- A queue of rows that live about a second: vacuumed often, without cost-based delays, so that
+-- its heap and TOAST stay at their working size (the same for the outbox and the queue).
+ALTER TABLE crm_bridge.batch SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 200,
+    autovacuum_vacuum_cost_delay = 0, toast.autovacuum_vacuum_scale_factor = 0,
+    toast.autovacuum_vacuum_threshold = 2000, toast.autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE crm_bridge.event SET (autovacuum_vacuum_cost_delay = 0, toast.autovacuum_vacuum_cost_delay = 0);
 COMMENT ON TABLE crm_bridge.batch IS 'Calls a daemon is sending now (one row per claim, one lease)';
 
 -- Last success and failure per URL, updated once per URL per record statement.
