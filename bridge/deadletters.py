@@ -120,18 +120,23 @@ def _fmt_time(ts: datetime | None, now: datetime) -> str:
     return ts.strftime("%H:%M:%S UTC") if ts.date() == now.astimezone(UTC).date() else ts.strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _unknown_urls(cur: psycopg.Cursor[dict[str, Any]], trigger_id: int | None, url: str | None) -> list[str]:
+    """Why --url / --trigger-id name no configured URL (nothing when they do)."""
+    lines: list[str] = []
+    if trigger_id is not None and cur.execute(Q.trigger_by_id, {"id": trigger_id}).fetchone() is None:
+        lines.append(f"there is no configured URL with id {trigger_id} (`crm-bridge status` lists them)")
+    if url is not None and cur.execute(Q.trigger_by_url, {"url": url}).fetchone() is None:
+        known = cur.execute(Q.trigger_list, {"limit": 10}).fetchall()
+        lines.append(f"no configured URL is exactly {redact_url(url)}; give the URL's id or the URL "
+                     "exactly as configured" + (":" if known else " (no URLs are configured)"))
+        lines += [f"  #{k['id']} {k['object']}/{k['event']} {redact_url(k['url'])}" for k in known]
+    return lines
+
+
 def _why_nothing(conn: psycopg.Connection, filters: dict[str, Any], action: str) -> list[str]:
     """Reasons nothing matched: an unknown URL, or the matching deliveries are in another state."""
     cur = conn.cursor(row_factory=dict_row)
-    lines: list[str] = []
-    tid = filters["trigger_id"]
-    if tid is not None and cur.execute(Q.trigger_by_id, {"id": tid}).fetchone() is None:
-        lines.append(f"there is no configured URL with id {tid} (`crm-bridge status` lists them)")
-    if filters["url"] is not None and cur.execute(Q.trigger_by_url, {"url": filters["url"]}).fetchone() is None:
-        known = cur.execute(Q.trigger_list, {"limit": 10}).fetchall()
-        lines.append(f"no configured URL is exactly {redact_url(filters['url'])}; give the URL's id or the URL "
-                     "exactly as configured" + (":" if known else " (no URLs are configured)"))
-        lines += [f"  #{k['id']} {k['object']}/{k['event']} {redact_url(k['url'])}" for k in known]
+    lines = _unknown_urls(cur, filters["trigger_id"], filters["url"])
     wanted = "pending" if action == "retry-now" else "dead"
     rows = cur.execute(Q.delivery_explain, {**filters, "limit": 5}).fetchall()
     now = datetime.now(UTC)
@@ -190,21 +195,17 @@ def run_delivered(args: argparse.Namespace, dsn: str) -> int:
     if args.until is not None and args.until <= args.since:
         print("crm-bridge replay --delivered: --until must be after --since", file=sys.stderr)
         return 2
+    filters = _filters(args)    # --url given as an id becomes trigger_id
     with psycopg.connect(dsn, autocommit=True) as conn:
         cur = conn.cursor(row_factory=dict_row)
-        url = args.url.strip()
-        if url.isdigit():
-            found = cur.execute(Q.trigger_by_id, {"id": int(url)}).fetchone()
-        else:
-            found = cur.execute(Q.trigger_by_url, {"url": url}).fetchone()
-        if found is None:
-            for line in _why_nothing(conn, {"trigger_id": int(url) if url.isdigit() else None,
-                                            "url": None if url.isdigit() else url, "object": None, "since": None,
-                                            "until": None, "ids": [0], "record": None}, "replay"):
-                if not line.startswith("no delivery matches"):
-                    print(f"crm-bridge replay --delivered: {safe_text(line)}", file=sys.stderr)
+        unknown = _unknown_urls(cur, filters["trigger_id"], filters["url"])
+        if unknown:
+            for line in unknown:
+                print(f"crm-bridge replay --delivered: {safe_text(line)}", file=sys.stderr)
             return 2
-        tid = found["id"]
+        tid = filters["trigger_id"]
+        if tid is None:
+            tid = cur.execute(Q.trigger_by_url, {"url": filters["url"]}).fetchone()["id"]  # type: ignore[index]
         params = {"trigger_id": tid, "since": args.since, "until": args.until, "dry_run": True, "limit": None,
                   "after_at": None, "after_call": None}
         try:
