@@ -466,15 +466,7 @@ class Daemon:
             try:
                 d = Delivery.from_row(row)
             except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                if batch is not None and isinstance(row.get("id"), int):
-                    # Recorded with its batch, as a dead letter with the reason.
-                    self.stats.dead += 1
-                    reason = safe_text(scrub(f"the claimed delivery cannot be sent: {error}"), MAX_REASON_LEN)
-                    log.error("delivery %d is dead: %s", row["id"], reason)
-                    batch.results.append((row["id"], None, Outcome("dead", attempted=0, error=reason)))
-                    continue
-                await self._dead_letter_claimed(conn, row.get("id"), error)
+                await self._dead_letter_claimed(conn, row.get("id"), f"{type(exc).__name__}: {exc}", batch)
                 continue
             assert d.trigger_id is not None
             self._held += 1
@@ -515,14 +507,22 @@ class Daemon:
             await self._deliver(d)
             self._idle_senders += 1
 
-    async def _dead_letter_claimed(self, conn: psycopg.AsyncConnection, delivery_id: object, error: str) -> None:
+    async def _dead_letter_claimed(self, conn: psycopg.AsyncConnection, delivery_id: object, error: str,
+                                   batch: _Batch | None = None) -> None:
+        """A claimed row that cannot be sent: a dead letter with the reason.  A call of a batch is
+        recorded with its batch; a call held one by one is made dead at once."""
         self.stats.dead += 1
         reason = f"the claimed delivery cannot be sent: {error}"
         if not isinstance(delivery_id, int):
             log.error("a claimed row without a delivery id was skipped (its lease will expire): %s",
                       safe_text(scrub(reason), MAX_REASON_LEN))
             return
-        await self._dead_letter(conn, delivery_id, reason)
+        if batch is None:
+            await self._dead_letter(conn, delivery_id, reason)
+            return
+        reason = safe_text(scrub(reason), MAX_REASON_LEN)
+        log.error("delivery %d is dead: %s", delivery_id, reason)
+        batch.results.append((delivery_id, None, Outcome("dead", attempted=0, error=reason)))
 
     async def _dead_letter(self, conn: psycopg.AsyncConnection, delivery_id: int, reason: str) -> None:
         """Make a delivery this process holds a dead letter with the reason (scrubbed, bounded); if
@@ -636,6 +636,14 @@ class Daemon:
             self._results_ready.set()
         batch.late = []
 
+    @staticmethod
+    def _not_recorded(batch: _Batch) -> None:
+        """The batch's record did not happen (lost connection): the calls that finished while it
+        ran belong to the batch again."""
+        batch.recording = False
+        batch.results += [(d.id, d, o) for d, o in batch.late]
+        batch.late = []
+
     async def _record_batch(self, conn: psycopg.AsyncConnection, batch: _Batch) -> None:
         results = list(batch.results)
         running = list(batch.calls)
@@ -659,10 +667,7 @@ class Daemon:
                 await self._rotate(conn)
                 n = await self._scalar(conn, Q.record, params)
         except psycopg.OperationalError:
-            # Not recorded: the calls that finished meanwhile belong to the batch again.
-            batch.recording = False
-            batch.results += [(d.id, d, o) for d, o in batch.late]
-            batch.late = []
+            self._not_recorded(batch)
             raise
         except psycopg.Error as exc:
             # Something in this batch cannot be recorded (a DBA's trigger, odd data): hold its
@@ -673,9 +678,7 @@ class Daemon:
                 moved = await self._scalar(conn, Q.unbatch, {"worker": self.worker, "batch": batch.id,
                                                              "lease": timedelta(seconds=self.s.lease)})
             except psycopg.OperationalError:
-                batch.recording = False
-                batch.results += [(d.id, d, o) for d, o in batch.late]
-                batch.late = []
+                self._not_recorded(batch)
                 raise
             except psycopg.Error as exc2:
                 log.error("batch %d cannot be taken apart either (%s): its lease will expire and its calls "
