@@ -256,6 +256,30 @@ CREATE TABLE crm_bridge.history_partition (
     upper_bound timestamptz NOT NULL
 );
 
+-- One partition of history, [lo, hi), named by its start in UTC, and its bookkeeping row.
+CREATE FUNCTION crm_bridge.history_add_partition_v1(lo timestamptz, hi timestamptz) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, crm_bridge, pg_temp
+AS $$
+DECLARE
+    name_ name := ('history_' || pg_catalog.to_char(lo AT TIME ZONE 'UTC', 'YYYYMMDD"_"HH24MISS'))::name;
+BEGIN
+    EXECUTE pg_catalog.format('CREATE TABLE crm_bridge.%I PARTITION OF crm_bridge.history FOR VALUES FROM (%L) TO (%L)',
+                              name_, lo, hi);
+    INSERT INTO crm_bridge.history_partition VALUES (name_, lo, hi);
+END
+$$;
+
+CREATE FUNCTION crm_bridge.history_drop_partition_v1(p_relname name) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, crm_bridge, pg_temp
+AS $$
+BEGIN
+    EXECUTE pg_catalog.format('DROP TABLE crm_bridge.%I', p_relname);
+    DELETE FROM crm_bridge.history_partition h WHERE h.relname = p_relname;
+END
+$$;
+
 -- Create partitions from the last one's upper bound (or from now) until `ahead` past now, each
 -- `width` long; drop those that ended more than `retention` ago.  Partition DDL locks the parent
 -- briefly (ACCESS EXCLUSIVE): it waits at most 200 ms for a DBA's long query and returns 'busy'
@@ -271,7 +295,6 @@ DECLARE
     made    integer := 0;
     dropped integer := 0;
     p       record;
-    name_   name;
     busy    boolean;
 BEGIN
     IF p_width IS NULL OR p_width < interval '10 seconds' OR p_ahead IS NULL OR p_retention IS NULL
@@ -292,24 +315,19 @@ BEGIN
         LOCK TABLE crm_bridge.history IN ACCESS EXCLUSIVE MODE;
         EXECUTE pg_catalog.format('SELECT EXISTS (SELECT 1 FROM crm_bridge.%I)', p.relname) INTO busy;
         EXIT WHEN busy;
-        EXECUTE pg_catalog.format('DROP TABLE crm_bridge.%I', p.relname);
-        DELETE FROM crm_bridge.history_partition h WHERE h.relname = p.relname;
+        PERFORM crm_bridge.history_drop_partition_v1(p.relname);
         dropped := dropped + 1;
     END LOOP;
     SELECT max(h.upper_bound) INTO hi FROM crm_bridge.history_partition h;
     lo := greatest(hi, pg_catalog.date_trunc('second', pg_catalog.now()));
     WHILE lo < pg_catalog.now() + p_ahead LOOP
-        name_ := ('history_' || pg_catalog.to_char(lo AT TIME ZONE 'UTC', 'YYYYMMDD"_"HH24MISS'))::name;
-        EXECUTE pg_catalog.format('CREATE TABLE crm_bridge.%I PARTITION OF crm_bridge.history FOR VALUES FROM (%L) TO (%L)',
-                                  name_, lo, lo + p_width);
-        INSERT INTO crm_bridge.history_partition VALUES (name_, lo, lo + p_width);
+        PERFORM crm_bridge.history_add_partition_v1(lo, lo + p_width);
         lo := lo + p_width;
         made := made + 1;
     END LOOP;
     FOR p IN SELECT h.relname FROM crm_bridge.history_partition h
               WHERE h.upper_bound <= pg_catalog.now() - p_retention ORDER BY h.lower_bound LOOP
-        EXECUTE pg_catalog.format('DROP TABLE crm_bridge.%I', p.relname);
-        DELETE FROM crm_bridge.history_partition h WHERE h.relname = p.relname;
+        PERFORM crm_bridge.history_drop_partition_v1(p.relname);
         dropped := dropped + 1;
     END LOOP;
     RETURN pg_catalog.format('created %s, dropped %s', made, dropped);
@@ -339,7 +357,6 @@ DECLARE
     oldest timestamptz;
     lo     timestamptz;
     hi     timestamptz;
-    name_  name;
 BEGIN
     SELECT least(min(d.finished_at), min(d.updated_at)) INTO oldest
       FROM crm_bridge.queue d WHERE d.status IN ('delivered', 'unrouted', 'coalesced', 'cancelled');
@@ -350,10 +367,7 @@ BEGIN
     END IF;
     WHILE lo < pg_catalog.date_trunc('second', pg_catalog.now()) + interval '1 minute' LOOP
         hi := least(lo + interval '1 day', pg_catalog.date_trunc('second', pg_catalog.now()) + interval '1 minute');
-        name_ := ('history_' || pg_catalog.to_char(lo AT TIME ZONE 'UTC', 'YYYYMMDD"_"HH24MISS'))::name;
-        EXECUTE pg_catalog.format('CREATE TABLE crm_bridge.%I PARTITION OF crm_bridge.history FOR VALUES FROM (%L) TO (%L)',
-                                  name_, lo, hi);
-        INSERT INTO crm_bridge.history_partition VALUES (name_, lo, hi);
+        PERFORM crm_bridge.history_add_partition_v1(lo, hi);
         lo := hi;
     END LOOP;
 END
@@ -1191,28 +1205,11 @@ BEGIN
 END
 $$;
 
--- A batch whose record failed as a whole: its calls move to the queue, held by this worker, so
--- that their outcomes can be recorded (or dead-lettered) one by one.  Returns the calls moved.
-CREATE FUNCTION crm_bridge.daemon_unbatch(p_worker text, p_batch bigint, p_lease interval) RETURNS bigint
-LANGUAGE sql
-SECURITY DEFINER
-SET search_path = pg_catalog, crm_bridge, pg_temp
-AS $$
-    WITH b AS (
-        DELETE FROM crm_bridge.batch x WHERE x.id = p_batch AND x.worker = p_worker RETURNING x.calls
-    ), moved AS (
-        INSERT INTO crm_bridge.queue (id, event_id, object, event, ids, event_created_at, trigger_id, url, record_key,
-                                      "row", status, next_attempt_at, lease_until, worker)
-        SELECT c.call_id, c.event_id, c.object, c.event, c.ids, c.event_created_at, t.id, c.url, c.record_key,
-               c."row", 'in_flight', now(), now() + p_lease, p_worker
-          FROM b CROSS JOIN LATERAL pg_catalog.unnest(b.calls) c
-          LEFT JOIN crm_bridge.crm_trigger t ON t.id = c.trigger_id
-        RETURNING 1)
-    SELECT pg_catalog.count(*) FROM moved
-$$;
-
--- Calls of batches that leave a daemon's hands go back to the queue as pending, due now.
-CREATE FUNCTION crm_bridge.requeue_batches_v1(p_batches bigint[]) RETURNS bigint
+-- Calls of batches that leave a daemon's hands go back to the queue: pending and due now for
+-- anyone, or (p_worker given) in_flight, held by that worker under a lease of p_lease.  A call
+-- whose URL was deleted meanwhile gets no URL (cancel_orphans cancels it).
+CREATE FUNCTION crm_bridge.requeue_batches_v1(p_batches bigint[], p_worker text DEFAULT NULL,
+                                              p_lease interval DEFAULT NULL) RETURNS bigint
 LANGUAGE sql
 SET search_path = pg_catalog, crm_bridge, pg_temp
 AS $$
@@ -1220,13 +1217,26 @@ AS $$
         DELETE FROM crm_bridge.batch x WHERE x.id = ANY (p_batches) RETURNING x.calls
     ), moved AS (
         INSERT INTO crm_bridge.queue (id, event_id, object, event, ids, event_created_at, trigger_id, url, record_key,
-                                      "row", status, next_attempt_at)
+                                      "row", status, next_attempt_at, lease_until, worker)
         SELECT c.call_id, c.event_id, c.object, c.event, c.ids, c.event_created_at, t.id, c.url, c.record_key,
-               c."row", 'pending', now()
+               c."row", CASE WHEN p_worker IS NULL THEN 'pending' ELSE 'in_flight' END, now(),
+               CASE WHEN p_worker IS NOT NULL THEN now() + p_lease END, p_worker
           FROM b CROSS JOIN LATERAL pg_catalog.unnest(b.calls) c
           LEFT JOIN crm_bridge.crm_trigger t ON t.id = c.trigger_id
         RETURNING 1)
     SELECT pg_catalog.count(*) FROM moved
+$$;
+
+-- A batch whose record failed as a whole: its calls move to the queue, held by this worker, so
+-- that their outcomes can be recorded (or dead-lettered) one by one.  Returns the calls moved.
+CREATE FUNCTION crm_bridge.daemon_unbatch(p_worker text, p_batch bigint, p_lease interval) RETURNS bigint
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, crm_bridge, pg_temp
+AS $$
+    SELECT crm_bridge.requeue_batches_v1(ARRAY(SELECT x.id FROM crm_bridge.batch x
+                                                WHERE x.id = p_batch AND x.worker = p_worker FOR UPDATE),
+                                         p_worker, p_lease)
 $$;
 
 -- ---------------------------------------------------------------------------------------------
