@@ -71,6 +71,21 @@ CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON crm.case
 CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE OR DELETE ON crm.case
     FOR EACH ROW EXECUTE FUNCTION bench.hasura_emit();
 
+-- name: attach_floor_nothing
+-- Floor: a statement-level PL/pgSQL trigger with a transition table that does nothing.
+CREATE TRIGGER bench_capture AFTER INSERT ON crm.case REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION bench.floor_nothing();
+
+-- name: attach_floor_heap
+-- Floor: the same, writing one row per statement into a table without an index.
+CREATE TRIGGER bench_capture AFTER INSERT ON crm.case REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION bench.floor_heap();
+
+-- name: attach_floor_outbox
+-- Floor: the same, into an outbox with an identity key (claimable in order).
+CREATE TRIGGER bench_capture AFTER INSERT ON crm.case REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION bench.floor_outbox();
+
 -- name: clear_urls
 -- Remove every configured URL (the bench configures its own, through the config table only).
 DELETE FROM crm_bridge.crm_trigger;

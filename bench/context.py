@@ -24,7 +24,7 @@ from .env import BenchDB
 from .procs import DaemonProcess, ReceiverProcess
 from .report import Report
 from .sqlq import BQ
-from .variants import Variant, use
+from .variants import BENCH_LOGS, Variant, use
 from .writers import Writers
 
 # The daemon runs with its production defaults (procs.DaemonProcess drops every CRM_BRIDGE_*
@@ -59,7 +59,7 @@ class Ctx:
         again, put ``variant``'s capture on crm.case, checkpoint."""
         self.conn.execute(BQ.clear_urls)
         tables = [sql.Identifier("crm_bridge", t) for t in self.db.work_tables]
-        tables += [sql.Identifier("crm", "case"), sql.Identifier("bench", "hasura_log")]
+        tables += [sql.Identifier("crm", "case")] + [sql.Identifier("bench", t) for t in BENCH_LOGS]
         self.conn.execute(sql.SQL("TRUNCATE {} CASCADE").format(sql.SQL(", ").join(tables)))
         self._add_urls()
         use(self.conn, variant)

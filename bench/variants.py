@@ -22,6 +22,13 @@ BRIDGE = Variant("bridge", "bridge, daemon delivering", "attach_bridge", daemon=
 BRIDGE_STOPPED = Variant("bridge_stopped", "bridge, trigger alone (no daemon)", "attach_bridge")
 HASURA = Variant("hasura", "Hasura-style JSON log", "attach_hasura")
 PGQ = Variant("pgq", "PgQ pgq.logutriga", "attach_pgq")
+# Floors (goal 5): what any PL/pgSQL statement-level capture costs before logic of its own.
+FLOOR_NOTHING = Variant("floor_nothing", "floor: empty statement trigger", "attach_floor_nothing")
+FLOOR_HEAP = Variant("floor_heap", "floor: 1 row into an unindexed table", "attach_floor_heap")
+FLOOR_OUTBOX = Variant("floor_outbox", "floor: 1 row into an id-keyed outbox", "attach_floor_outbox")
+FLOORS = [FLOOR_NOTHING, FLOOR_HEAP, FLOOR_OUTBOX]
+# The bench's own capture tables (variants.sql), emptied by every reset.
+BENCH_LOGS = ["hasura_log", "floor_heap", "floor_outbox"]
 
 
 def use(conn: psycopg.Connection, variant: Variant) -> None:

@@ -128,7 +128,7 @@ def _cpu_ratio(a: Run, b: Run) -> float | None:
 def eight_writers(ctx: Ctx) -> dict[str, list[Run]]:
     """Goals 4 and 5: 8 concurrent writers of 1-row transactions, every capture variant."""
     s = ctx.sizes
-    variants = WRITE_VARIANTS + ([V.PGQ] if ctx.db.pgq_missing is None else [])
+    variants = WRITE_VARIANTS + ([V.PGQ] if ctx.db.pgq_missing is None else []) + V.FLOORS
     ctx.log(f"{WRITERS} writers x 1-row transactions, {len(variants)} variants x {s.write_rounds} rounds "
             f"x {s.write_seconds} s")
     ctx.set_urls(["/writes"])
@@ -147,6 +147,10 @@ def eight_writers(ctx: Ctx) -> dict[str, list[Run]]:
            else "NOT every run delivered everything in it: its bookkeeping is partly missing."),
         "notifying commits: NOTIFYs seen by a bench listener on channel crm_bridge ÷ transactions.",
         "daemon CPU: the daemon process's CPU time ÷ wall time of the writers' runs (100 % = one core).",
+        "floors: bench-only PL/pgSQL statement-level triggers with a transition table (bench/variants.sql): "
+        "empty; writing one row per statement into a table without an index; and into an outbox with an "
+        "identity key, the least a consumer can claim in commit order. They bound from below what any "
+        "PL/pgSQL statement capture costs on this machine.",
     ]
     if ctx.db.pgq_missing:
         t.notes.append(f"PgQ: {ctx.db.pgq_missing}.")
@@ -166,6 +170,9 @@ def eight_writers(ctx: Ctx) -> dict[str, list[Run]]:
         met = met and pgq >= 1.2
     else:
         parts.insert(1, f"÷ PgQ {ctx.db.pgq_missing}")
+    floors = ", ".join(f"{v.label.removeprefix('floor: ')} {_per_round(runs, v.key, 'none', _cpu_ratio):.2f}"
+                       for v in V.FLOORS)
     ctx.report.set("5", "; ".join(parts), met,
-                   "writer throughput: trigger alone vs trigger alone (no consumer runs for any)")
+                   "writer throughput: trigger alone vs trigger alone (no consumer runs for any); "
+                   f"what limits it: CPU ÷ none of PL/pgSQL statement-trigger floors: {floors}")
     return runs
