@@ -130,3 +130,24 @@ SELECT pg_backend_pid();
 -- name: daemon_backends
 -- The daemon's server processes (its pool and its listener).
 SELECT pid FROM pg_stat_activity WHERE starts_with(application_name, 'crm-bridge');
+
+-- name: statements_install
+-- Server-side time per statement (goal 4's breakdown), where the server preloads it.
+CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+
+-- name: statements_reset
+SELECT pg_stat_statements_reset();
+
+-- name: daemon_statement_time
+-- Time the server spent in the daemon's statements of this database since the last reset, by
+-- kind: the claim of new events, the record of outcomes, everything else it ran (milliseconds;
+-- wall time inside the server, waiting for a CPU included).
+SELECT CASE WHEN s.query LIKE '%daemon\_claim(%' THEN 'claim'
+            WHEN s.query LIKE '%daemon\_record(%' OR s.query LIKE '%daemon\_complete(%' THEN 'record'
+            ELSE 'other' END AS kind,
+       sum(s.calls)::bigint AS calls, sum(s.total_exec_time) AS ms
+  FROM pg_stat_statements s
+  JOIN pg_database d ON d.oid = s.dbid
+ WHERE d.datname = current_database() AND s.toplevel
+   AND s.query LIKE '%crm\_bridge.daemon\_%'
+ GROUP BY 1;

@@ -34,6 +34,7 @@ class BenchDB:
     server: str                  # "throwaway cluster (...)" or "--dsn"
     work_tables: list[str]       # crm_bridge tables a reset empties (see _install)
     pgq_missing: str | None      # why PgQ cannot be compared here; None: it can
+    statements: bool = False     # pg_stat_statements is there (goal 4's breakdown)
 
     def connect(self) -> psycopg.Connection:
         return psycopg.connect(self.dsn, autocommit=True)
@@ -105,6 +106,9 @@ def open_bench_db(stack: ExitStack, dsn: str | None, log: Callable[[str], None])
     if dsn is None:
         # fsync, synchronous_commit and full_page_writes on: commit cost is what is measured.
         cluster = TempPostgres(durable=True)
+        if (cluster.bindir.parent / "lib" / "pg_stat_statements.so").exists():
+            cluster.settings["shared_preload_libraries"] = "'pg_stat_statements'"
+
         log(f"starting a throwaway durable PostgreSQL from {cluster.bindir}")
         stack.enter_context(cluster)
         admin_dsn = cluster.dsn()
@@ -121,9 +125,17 @@ def open_bench_db(stack: ExitStack, dsn: str | None, log: Callable[[str], None])
         stack.callback(_drop_database, admin_dsn, dbname)
     bench_dsn = make_conninfo(admin_dsn, dbname=dbname)
     work_tables, pgq_missing = _install(bench_dsn)
+    statements = True
+    try:
+        with psycopg.connect(bench_dsn, autocommit=True) as conn:
+            conn.execute(BQ.statements_install)
+            conn.execute(BQ.statements_reset)
+    except psycopg.Error:
+        statements = False      # not preloaded (a --dsn server, or no contrib): no breakdown
     return BenchDB(dsn=bench_dsn, pg_version=version,
                    pgbench=_find_pgbench(cluster.bindir if cluster else None),
-                   postmaster=postmaster, server=server, work_tables=work_tables, pgq_missing=pgq_missing)
+                   postmaster=postmaster, server=server, work_tables=work_tables, pgq_missing=pgq_missing,
+                   statements=statements)
 
 
 def _drop_database(admin_dsn: str, dbname: str) -> None:

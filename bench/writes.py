@@ -37,12 +37,17 @@ class Run:
     notifies: int               # notifying commits seen on the channel
     daemon_cpu: float | None    # seconds of daemon CPU during the writers' run
     delivered: bool | None      # daemon variants: every call arrived within the CPU window
+    # daemon variants, where pg_stat_statements is there: {kind: (calls, ms)} of its statements
+    statements: dict[str, tuple[int, float]] | None = None
 
 
 def _run(ctx: Ctx, variant: Variant, script: str, clients: int, seconds: int,
          counter: NotifyCounter) -> Run:
     ctx.reset(variant)
     delivered = None
+    statements = None
+    if variant.daemon and ctx.db.statements:
+        ctx.conn.execute(BQ.statements_reset)
     with ctx.daemon() if variant.daemon else contextlib.nullcontext() as daemon:
         ctx.rx.reset()
         n0 = counter.settle()
@@ -56,11 +61,34 @@ def _run(ctx: Ctx, variant: Variant, script: str, clients: int, seconds: int,
         time.sleep(0.1)          # let the postmaster reap the writers' backends (their CPU)
         c1 = ctx.db.server_cpu()
         n1 = counter.settle()
+        if daemon and ctx.db.statements:
+            statements = {str(k): (int(n), float(ms)) for k, n, ms in
+                          ctx.conn.execute(BQ.daemon_statement_time).fetchall()}
     cpu_us = None
     if c0 is not None and c1 is not None and result.transactions:
         cpu_us = (c1 - c0) / result.transactions * 1e6
     return Run(result.tps, result.transactions, cpu_us, n1 - n0,
-               d1 - d0 if d0 is not None and d1 is not None else None, delivered)
+               d1 - d0 if d0 is not None and d1 is not None else None, delivered, statements)
+
+
+def statement_breakdown(runs: list[Run]) -> str | None:
+    """The daemon's server time per transaction by kind of statement (median over runs), and
+    events per claim; None without pg_stat_statements."""
+    per: dict[str, list[float]] = {}
+    per_claim: list[float] = []
+    for r in runs:
+        if not r.statements or not r.transactions:
+            continue
+        for kind in ("claim", "record", "other"):
+            per.setdefault(kind, []).append(r.statements.get(kind, (0, 0.0))[1] * 1000 / r.transactions)
+        if r.statements.get("claim", (0, 0.0))[0]:
+            per_claim.append(r.transactions / r.statements["claim"][0])
+    if not per:
+        return None
+    parts = [f"{kind} {median(v):.0f} µs" for kind, v in per.items()]
+    return (f"server time in the daemon's statements per transaction (pg_stat_statements; wall time inside "
+            f"the server, waiting for a CPU included): {', '.join(parts)}; {median(per_claim):.0f} events "
+            "per claim")
 
 
 def compare(ctx: Ctx, variants: list[Variant], script: str, clients: int, seconds: int,
@@ -155,11 +183,15 @@ def eight_writers(ctx: Ctx) -> dict[str, list[Run]]:
     if ctx.db.pgq_missing:
         t.notes.append(f"PgQ: {ctx.db.pgq_missing}.")
     ctx.report.tables.append(t)
+    breakdown = statement_breakdown(runs["bridge"])
+    if breakdown:
+        t.notes.append(f"Daemon delivering: {breakdown}.")
     book = _per_round(runs, "bridge", "bridge_stopped", _cpu_minus)
     cpu = {k: median([r.cpu_us for r in runs[k] if r.cpu_us]) for k in ("none", "bridge_stopped", "bridge")}
     ctx.report.set("4", f"{book:.0f} µs", book <= 20,
                    f"server CPU µs/tx: trigger alone {cpu['bridge_stopped']:.0f}, daemon delivering "
-                   f"{cpu['bridge']:.0f} (no trigger {cpu['none']:.0f}); median of per-round differences")
+                   f"{cpu['bridge']:.0f} (no trigger {cpu['none']:.0f}); median of per-round differences"
+                   + (f"; {breakdown}" if breakdown else ""))
     alone = _per_round(runs, "bridge_stopped", "none", _cpu_ratio)
     hasura = median(ratios(runs, "bridge_stopped", "hasura"))
     parts = [f"CPU {alone:.2f}", f"÷ Hasura-style {hasura:.2f}"]
