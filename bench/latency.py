@@ -11,6 +11,7 @@ the daemon may see a commit before the writer's client library has returned from
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -20,6 +21,7 @@ import psycopg
 
 from . import variants as V
 from .context import Ctx
+from .drain import CpuShares, CpuWindow, pct
 from .report import Table
 from .sqlq import BQ
 from .stats import percentile
@@ -172,14 +174,17 @@ def highest_steady_rate(ctx: Ctx) -> None:
     passed: list[int] = []
     failed: list[int] = []
     writer_limited = False
+    cpus: list[CpuShares] = []
     for step in range(s.livemax_steps):
         rate = next_rate(passed, failed, start)
         if rate is None:
             break
         ctx.reset(V.BRIDGE)
         with ctx.daemon() as daemon:
+            window = CpuWindow(ctx, [daemon])
             r = measure(ctx, f"max{step}", rate, s.livemax_seconds, s.livemax_warmup, daemon.cpu_seconds,
                         grace=STEADY_GRACE)
+            cpus.append(window.shares())
         runs.append(r)
         ok = steady(r)
         # A rate the writer did not reach is credited as the rate it did reach.
@@ -191,16 +196,33 @@ def highest_steady_rate(ctx: Ctx) -> None:
             break
     best = max(passed, default=0)
     t = Table(f"Highest steady live rate (every event delivered, p99 < {STEADY_P99_MS:g} ms over "
-              f"{s.livemax_seconds:g} s)", [*HEADERS, "steady"],
-              [[*_row(f"step {i + 1}", r), "yes" if steady(r) else "no"] for i, r in enumerate(runs)])
+              f"{s.livemax_seconds:g} s)", [*HEADERS, "steady", "PostgreSQL CPU", "receiver CPU", "machine CPU"],
+              [[*_row(f"step {i + 1}", r), "yes" if steady(r) else "no", pct(c.server), pct(c.receiver),
+                pct(c.machine)] for i, (r, c) in enumerate(zip(runs, cpus, strict=True))])
     t.notes.append(f"Bounded search from half the 1-row backlog drain rate ({start:.0f}/s"
                    f"{'' if base else ', fallback: the drain phase did not run'}): x1.6 up, x0.5 down, then "
                    f"bisection; {s.livemax_warmup:g} s warm-up per step not counted."
                    + (" The bench's paced writer could not reach the last rate asked: the figure is a lower bound."
                       if writer_limited else ""))
+    t.notes.append("CPU in % of one core over the step (warm-up, writes and the grace for the last arrivals); "
+                   "machine: every process, anyone's, from /proc/stat; the paced writer and its server "
+                   "backends run on the same cores as the daemon.")
     ctx.report.tables.append(t)
     ratio = best / base if base else None
     ctx.report.set("7", f"{'n/a' if ratio is None else f'{ratio:.2f}'} ({best}/s steady"
                         + (f" ÷ {base:.0f}/s drain)" if base else ")"),
                    None if ratio is None else ratio >= 0.8,
-                   f"not steady at {min(failed)}/s" if failed else "no step failed (a lower bound)")
+                   f"not steady at {min(failed)}/s{_limit(runs, cpus, min(failed))}" if failed
+                   else "no step failed (a lower bound)")
+
+
+def _limit(runs: list[LatencyResult], cpus: list[CpuShares], rate: int) -> str:
+    """What the machine was doing at the lowest rate the daemon did not keep up with."""
+    cores = os.cpu_count() or 1
+    for r, c in zip(runs, cpus, strict=True):
+        if r.rate == rate and c.machine is not None:
+            others = c.machine - sum(x or 0.0 for x in (r.daemon_cpu_pct, c.server, c.receiver))
+            return (f"; there the machine was {c.machine:.0f} % busy of {cores * 100} % (daemon "
+                    f"{pct(r.daemon_cpu_pct)}, PostgreSQL {pct(c.server)}, receiver {pct(c.receiver)}, "
+                    f"the writer and others {pct(max(0.0, others))})")
+    return ""
