@@ -151,3 +151,7 @@ SELECT CASE WHEN s.query LIKE '%daemon\_claim(%' THEN 'claim'
  WHERE d.datname = current_database() AND s.toplevel
    AND s.query LIKE '%crm\_bridge.daemon\_%'
  GROUP BY 1;
+
+-- name: autovacuum_naptime
+-- Seconds between autovacuum's visits of a database.
+SELECT setting::float8 FROM pg_catalog.pg_settings WHERE name = 'autovacuum_naptime';

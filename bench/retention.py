@@ -5,8 +5,11 @@ The daemon runs with a retention of ``retention_window`` seconds (its own settin
 ``retention_days`` and ``retention_interval``, through its environment).  A warm-up round brings
 the tables to their working size ("before"); then each measured round writes its events with
 8 writers while the daemon delivers, waits until every call arrived, waits out the retention
-window, and reads pg_total_relation_size and pg_stat_user_tables for every table and partition
-in schema crm_bridge, whatever the engine has.  A relation is flagged when it grew to more than
+window, then waits for autovacuum's next pass over every relation that holds dead tuples (at
+most one autovacuum_naptime and a bit; the dead tuples seen before that pass are reported too:
+between two passes a queue table holds what was deleted since the last one), and reads
+pg_total_relation_size and pg_stat_user_tables for every table and partition in schema
+crm_bridge, whatever the engine has.  A relation is flagged when it grew to more than
 1.5x its size before, or grew from one round to the next (beyond a small slack: a page here and
 there is not growth).
 """
@@ -42,6 +45,11 @@ def sizes(ctx: Ctx) -> dict[str, Rel]:
             for name, b, live, dead, vac in ctx.conn.execute(BQ.relation_sizes).fetchall()}
 
 
+def naptime(ctx: Ctx) -> float:
+    row = ctx.conn.execute(BQ.autovacuum_naptime).fetchone()
+    return float(row[0]) if row else 60.0
+
+
 def grew(before: int, after: int, factor: float, slack: int) -> bool:
     return after > before * factor and after - before > slack
 
@@ -62,6 +70,19 @@ def growth(seen: list[Rel | None]) -> list[str]:
     return out
 
 
+def vacuumed(ctx: Ctx, at_end: dict[str, Rel], limit: float) -> tuple[dict[str, Rel], float]:
+    """Sizes once every relation that had more than SLACK_DEAD dead tuples in ``at_end`` has been
+    vacuumed since (or ``limit`` seconds passed); and the seconds waited."""
+    t0 = time.monotonic()
+    while True:
+        now = sizes(ctx)
+        waiting = [n for n, r in at_end.items()
+                   if r.dead > SLACK_DEAD and n in now and now[n].vacuums <= r.vacuums and now[n].dead > SLACK_DEAD]
+        if not waiting or time.monotonic() - t0 > limit:
+            return now, time.monotonic() - t0
+        time.sleep(1.0)
+
+
 def _mb(b: int) -> str:
     return f"{b / 1048576:.2f} MB"
 
@@ -77,6 +98,8 @@ def retention(ctx: Ctx) -> None:
     ctx.set_urls(["/retention"])
     ctx.reset(V.BRIDGE)
     snaps: list[dict[str, Rel]] = []
+    peaks: list[int] = []       # dead tuples in all crm_bridge before autovacuum's pass
+    waits: list[float] = []
     statuses: list[str] = []
     cut: list[str] = []
     with ctx.daemon(env):
@@ -92,7 +115,11 @@ def retention(ctx: Ctx) -> None:
                 cut.append(label)
             ctx.log(f"    {statuses[-1]}; waiting {s.retention_window + s.retention_settle:g} s for retention")
             time.sleep(s.retention_window + s.retention_settle)
-            snaps.append(sizes(ctx))
+            at_end = sizes(ctx)
+            peaks.append(sum(r.dead for r in at_end.values()))
+            snap, waited = vacuumed(ctx, at_end, naptime(ctx) + s.retention_settle)
+            waits.append(waited)
+            snaps.append(snap)
     names = sorted(set().union(*snaps))
     series = {name: [snap.get(name) for snap in snaps] for name in names}
     series["all crm_bridge"] = [Rel(sum(r.bytes for r in snap.values()), sum(r.live for r in snap.values()),
@@ -116,7 +143,10 @@ def retention(ctx: Ctx) -> None:
     t.notes += [
         f"Daemon settings: retention_days = {s.retention_window:g} s / 86,400, retention_interval = "
         f"{s.retention_interval:g} s; after each round the bench waits {s.retention_window + s.retention_settle:g} s "
-        "(the window and a pass) before reading sizes.",
+        "(the window and a pass), then for autovacuum's next pass over every relation holding more than "
+        f"{SLACK_DEAD:,} dead tuples (waited: {', '.join(f'{w:.0f} s' for w in waits)}), then reads sizes.",
+        "Dead tuples in all crm_bridge before that autovacuum pass (before → rounds): "
+        + " → ".join(f"{p:,}" for p in peaks) + f"; autovacuum_naptime {naptime(ctx):g} s.",
         f"Events written by {BACKLOG_WRITERS} pgbench clients (1-row transactions) while the daemon delivers; "
         + "; ".join(statuses) + ".",
         f"Flag: size (with indexes and TOAST) or dead tuples above {FLAT:g}x before, or above {ROUND_GROWTH:g}x "
