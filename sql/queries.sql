@@ -210,6 +210,11 @@ SELECT id, object, event, url, state, pending, retrying, in_flight, dead,
   FROM crm_bridge.url_status
  ORDER BY id;
 
+-- name: probe_state
+-- The schema version (readiness: /readyz) and how full the server's NOTIFY queue is (a metric).
+SELECT (SELECT max(version) FROM crm_bridge.schema_version) AS schema_version,
+       pg_notification_queue_usage() AS notify_queue_usage;
+
 -- name: metrics_urls
 -- Per URL queue counts for the metrics (cheap view; at most %(limit)s URLs).
 SELECT id, object, event, url, state, pending, retrying, in_flight, dead
