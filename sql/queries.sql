@@ -111,6 +111,11 @@ SELECT crm_bridge.replay(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until
 SELECT * FROM crm_bridge.replay_delivered(%(trigger_id)s, %(since)s, %(until)s, %(dry_run)s, %(limit)s,
                                           %(after_at)s, %(after_call)s);
 
+-- name: replay_record
+-- The dead (with %(delivered)s, also the delivered) calls of one record, named by its ID parameters
+-- (a JSON object), queued again in call order; dry_run: listed only.  One row per call.
+SELECT * FROM crm_bridge.replay_record(%(record)s, %(object)s, %(delivered)s, %(dry_run)s, %(trigger_id)s);
+
 -- name: purge_batch
 -- Delete up to %(limit)s matching dead letters.
 SELECT crm_bridge.purge(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s, %(limit)s);
