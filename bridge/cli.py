@@ -336,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "Queue matching dead letters again (attempts restart at 0).  Filters combine with AND; "
                  "without any filter, --all is required (on a terminal you are asked instead).  With "
                  "--delivered: send again everything one URL was delivered since a time (--url, --since, "
-                 "optional --until), e.g. after its receiver lost data.  Runs as a member of crm_bridge_admin.")
+                 "optional --until), e.g. after its receiver lost data.  With --record NAME=ID …: the calls of one "
+                 "record (its dead letters; with --delivered also its delivered calls), in call order.  Runs as a "
+                 "member of crm_bridge_admin.")
     add_filter_args(rp, delivered=True)
     pg = command("purge", "delete dead letters (filters combine with AND)",
                  "Delete matching dead letters and their attempt history.  Filters combine with AND; without "

@@ -1,5 +1,6 @@
 """`crm-bridge replay`, `purge` and `retry-now`: dead letters and queued deliveries, by URL (its
-crm_trigger id or the exact URL), object, record, time range or delivery ids.
+crm_trigger id or the exact URL), object, record, time range or delivery ids.  `replay --record
+AccountID=… [--record CaseID=…]`: the calls of one record (crm_bridge.replay_record).
 
 When nothing matches, the commands say why (no such URL; the deliveries matched are pending, not
 dead; …) instead of silently doing nothing.
@@ -14,6 +15,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from .redact import redact_url, safe_text, scrub
 from .sqlfiles import Q
@@ -50,7 +52,12 @@ def add_filter_args(p: argparse.ArgumentParser, *, delivered: bool = False) -> N
     if delivered:
         p.add_argument("--delivered", action="store_true",
                        help="send again every call --url was delivered since --since (its receiver lost data); "
-                            "within the retention period of the history")
+                            "within the retention period of the history.  With --record: that record's "
+                            "delivered calls too")
+        p.add_argument("--record", dest="record_params", type=_record_param, action="append", metavar="NAME=ID",
+                       help="the calls of one record, named by its ID parameters as in the URLs called "
+                            "(repeatable): --record AccountID=acc-1 --record CaseID=case-7 is a case; dead "
+                            "letters, with --delivered also delivered calls; optional --url, --object")
 
 
 def add_retry_args(p: argparse.ArgumentParser) -> None:
@@ -74,6 +81,14 @@ def _ids(value: str) -> list[int]:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid delivery id list {value!r} (expected e.g. 12,13)") from None
+
+
+def _record_param(value: str) -> tuple[str, str]:
+    name, sep, ident = value.partition("=")
+    if not sep or not name.strip() or not ident:
+        raise argparse.ArgumentTypeError(
+            f"invalid record ID {value!r} (expected NAME=ID with the URL's parameter name, e.g. AccountID=acc-1)")
+    return name.strip(), ident
 
 
 def _record(value: str) -> list[str]:
@@ -131,6 +146,24 @@ def _unknown_urls(cur: psycopg.Cursor[dict[str, Any]], trigger_id: int | None, u
                      "exactly as configured" + (":" if known else " (no URLs are configured)"))
         lines += [f"  #{k['id']} {k['object']}/{k['event']} {redact_url(k['url'])}" for k in known]
     return lines
+
+
+def _url_id(cur: psycopg.Cursor[dict[str, Any]], filters: dict[str, Any]) -> int | None:
+    """The crm_trigger id that --url / --trigger-id name (None: no URL given); Refused when none is
+    configured."""
+    unknown = _unknown_urls(cur, filters["trigger_id"], filters["url"])
+    if unknown:
+        raise Refused("\n  ".join(unknown))
+    if filters["url"] is None:
+        return filters["trigger_id"]
+    return cur.execute(Q.trigger_by_url, {"url": filters["url"]}).fetchone()["id"]  # type: ignore[index]
+
+
+def _sql_refusal(exc: psycopg.errors.InvalidParameterValue) -> str:
+    """A refusal raised by a crm_bridge function: its message, and its hint in brackets."""
+    diag = exc.diag
+    return safe_text(diag.message_primary or str(exc)) + (f" ({safe_text(diag.message_hint)})" if diag.message_hint
+                                                         else "")
 
 
 def _why_nothing(conn: psycopg.Connection, filters: dict[str, Any], action: str) -> list[str]:
@@ -198,22 +231,17 @@ def run_delivered(args: argparse.Namespace, dsn: str) -> int:
     filters = _filters(args)    # --url given as an id becomes trigger_id
     with psycopg.connect(dsn, autocommit=True) as conn:
         cur = conn.cursor(row_factory=dict_row)
-        unknown = _unknown_urls(cur, filters["trigger_id"], filters["url"])
-        if unknown:
-            for line in unknown:
-                print(f"crm-bridge replay --delivered: {safe_text(line)}", file=sys.stderr)
+        try:
+            tid = _url_id(cur, filters)
+        except Refused as exc:
+            print(f"crm-bridge replay --delivered: {safe_text(str(exc), keep=chr(10))}", file=sys.stderr)
             return 2
-        tid = filters["trigger_id"]
-        if tid is None:
-            tid = cur.execute(Q.trigger_by_url, {"url": filters["url"]}).fetchone()["id"]  # type: ignore[index]
         params = {"trigger_id": tid, "since": args.since, "until": args.until, "dry_run": True, "limit": None,
                   "after_at": None, "after_call": None}
         try:
             total = cur.execute(Q.replay_delivered, params).fetchone()["calls"]  # type: ignore[index]
         except psycopg.errors.InvalidParameterValue as exc:
-            diag = exc.diag
-            print(f"crm-bridge replay --delivered: {safe_text(diag.message_primary or str(exc))}"
-                  + (f" ({safe_text(diag.message_hint)})" if diag.message_hint else ""), file=sys.stderr)
+            print(f"crm-bridge replay --delivered: {_sql_refusal(exc)}", file=sys.stderr)
             return 2
         span = f"since {args.since.isoformat()}" + (f" until {args.until.isoformat()}" if args.until else "")
         if args.dry_run or total == 0:
@@ -235,8 +263,71 @@ def run_delivered(args: argparse.Namespace, dsn: str) -> int:
     return 0
 
 
+def run_record(args: argparse.Namespace, dsn: str) -> int:
+    """replay --record NAME=ID …: the dead (with --delivered, also the delivered) calls of one record,
+    queued again in call order by crm_bridge.replay_record in one transaction; --dry-run lists them."""
+    from .status import _table
+
+    command = "crm-bridge replay --record"
+    if args.ids or args.since or args.until or args.all:
+        print(f"{command}: only --object, --url, --delivered and --dry-run apply (it replays the calls of "
+              "one record)", file=sys.stderr)
+        return 2
+    record: dict[str, str] = {}
+    for name, ident in args.record_params:
+        if name in record:
+            print(f"{command}: {safe_text(name)} is given twice", file=sys.stderr)
+            return 2
+        record[name] = ident
+    shown = "&".join(f"{k}={v}" for k, v in record.items())
+    try:
+        filters = _filters(args)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            tid = _url_id(cur, filters)
+            rows = cur.execute(Q.replay_record, {"record": Jsonb(record), "object": args.object,
+                                                 "delivered": args.delivered, "dry_run": args.dry_run,
+                                                 "trigger_id": tid}).fetchall()
+    except Refused as exc:
+        print(f"{command}: {safe_text(str(exc), keep=chr(10))}", file=sys.stderr)
+        return 2
+    except psycopg.errors.InvalidParameterValue as exc:
+        print(f"{command}: {_sql_refusal(exc)}", file=sys.stderr)
+        return 2
+    what = "dead or delivered calls" if args.delivered else "dead letters"
+    where = f" to URL #{tid}" if tid is not None else ""
+    if not rows:
+        print(safe_text(f"no {what} of the record {shown}{where}"
+                        + ("" if args.delivered else " (--delivered: also the calls it was delivered, "
+                           "as far back as the history is kept)")))
+        return 0
+    now = datetime.now(UTC)
+    table = [(r["call_id"], f"{r['object']}/{r['event']}", r["was"], _fmt_time(r["at"], now),
+              r["url"] or "(URL deleted)", r["note"] or "queued") for r in rows[:SAMPLE]]
+    for line in _table(["CALL", "OBJECT/EVENT", "WAS", "AT", "URL", ""], table, right={0}):
+        print(safe_text(line))   # URLs (redacted) come from the database
+    if len(rows) > SAMPLE:
+        print(f"  … and {len(rows) - SAMPLE} more")
+    counts = ", ".join(f"{sum(r['was'] == w for r in rows)} {w}" for w in ("dead", "delivered")
+                       if any(r["was"] == w for r in rows))
+    label = safe_text(f"{rows[0]['object']} {shown}")
+    if args.dry_run:
+        ready = sum(r["note"] == "dry run" for r in rows)
+        print(f"{ready} call(s) of {label}{where} would be queued again, in call order ({counts})")
+    else:
+        queued = sum(bool(r["queued"]) for r in rows)
+        print(f"queued {queued} call(s) of {label}{where} again, in call order ({counts}); a running daemon "
+              "sends them (they keep their webhook-id)")
+    skipped = len(rows) - sum(bool(r["queued"]) or r["note"] == "dry run" for r in rows)
+    if skipped:
+        print(f"({skipped} skipped: see the last column)")
+    return 0
+
+
 def run(args: argparse.Namespace, dsn: str, action: str) -> int:
     """replay / purge / retry-now, in batches with progress; --dry-run counts and shows a sample."""
+    if getattr(args, "record_params", None):
+        return run_record(args, dsn)
     if getattr(args, "delivered", False):
         return run_delivered(args, dsn)
     done_verb, ask_verb, noun = VERBS[action]

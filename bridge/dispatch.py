@@ -186,6 +186,7 @@ class Daemon:
         self.healthy = False
         self.ready = anyio.Event()
         self.loop_tick = time.monotonic()   # last main-loop turn: the systemd watchdog checks it
+        self._resting_until = -math.inf     # the loop backs off on purpose until then (not stuck)
 
     # -- public -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -197,6 +198,10 @@ class Daemon:
     @property
     def held(self) -> int:
         return self._held
+
+    def loop_stalled(self) -> float:
+        """Seconds since the main loop last turned, not counting a deliberate back-off."""
+        return max(0.0, time.monotonic() - max(self.loop_tick, self._resting_until))
 
     async def run(self) -> None:
         s = self.s
@@ -258,6 +263,8 @@ class Daemon:
                 self.healthy = False
                 self.stats.db_errors += 1
                 log.warning("database unavailable (%s); retrying in %.1f s", str(exc).strip(), backoff)
+                # the back-off and the reconnect after it are waits, not a stuck loop (/healthz)
+                self._resting_until = time.monotonic() + backoff + CONNECT_KWARGS["connect_timeout"]
                 await self._sleep_or_stop(backoff)
                 backoff = min(backoff * 2, 5.0)
                 try:
@@ -270,6 +277,7 @@ class Daemon:
                 self.stats.db_errors += 1
                 error_backoff = min(max(backoff, 1.0) * 2, MAX_ERROR_BACKOFF)
                 log.error("database error in the main loop: %s; retrying in %.0f s", _db_error(exc), error_backoff)
+                self._resting_until = time.monotonic() + error_backoff
                 await self._sleep_or_stop(error_backoff)
                 backoff = error_backoff
             except Exception as exc:
@@ -278,6 +286,7 @@ class Daemon:
                 error_backoff = min(max(backoff, 1.0) * 2, MAX_ERROR_BACKOFF)
                 log.error("unexpected error in the main loop; retrying in %.0f s: %s", error_backoff,
                           safe_text(scrub("".join(traceback.format_exception(exc))), 4000, keep="\t\n"))
+                self._resting_until = time.monotonic() + error_backoff
                 await self._sleep_or_stop(error_backoff)
                 backoff = error_backoff
 

@@ -1,4 +1,6 @@
-"""Prometheus metrics, served only when ``--metrics-addr HOST:PORT`` is given.
+"""Prometheus metrics and the orchestrator probes, served only when ``--metrics-addr HOST:PORT``
+is given: ``/metrics``, ``/healthz`` (liveness) and ``/readyz`` (readiness); what the probes decide
+is Service.health / Service.readiness (bridge/service.py).
 
 Two kinds of numbers:
 
@@ -17,11 +19,14 @@ credentials, no token-looking path segments; control characters escaped).  At mo
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 from .redact import redact_url, safe_text
 from .settings import SettingsError, parse_host_port
@@ -42,11 +47,22 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The database's view of the queue at one moment (rows of status_summary / metrics_urls)."""
+    """The database's view of the queue at one moment (rows of status_summary / metrics_urls;
+    probe_state: the schema version and the NOTIFY queue's usage)."""
 
     summary: dict[str, Any]
     urls: list[dict[str, Any]] = field(default_factory=list)
     taken: float = field(default_factory=time.monotonic)
+    schema_version: int | None = None
+    notify_queue_usage: float | None = None
+
+
+class Probes(Protocol):
+    """What /healthz and /readyz answer: (ok, a one-line reason)."""
+
+    def health(self) -> tuple[bool, str]: ...
+
+    def readiness(self) -> tuple[bool, str]: ...
 
 
 class Metrics:
@@ -96,21 +112,69 @@ class Metrics:
                 return label
         return "other"
 
-    def serve(self, addr: str) -> tuple[str, int]:
+    def serve(self, addr: str, probes: Probes | None = None) -> tuple[str, int]:
         """Start the HTTP endpoint (a daemon thread); returns the bound host and port."""
         host, port = parse_host_port(addr)
         try:
-            self._server, _thread = self._prom.start_http_server(port, host, registry=self.registry)
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+            server_class = type("_Server", (_Server,), {"address_family": family})
+            self._server = server_class((host, port), _Handler)
         except OSError as exc:
             raise SettingsError(f"metrics_addr {addr}: cannot listen: {exc.strerror or exc}") from None
+        self._server.metrics, self._server.probes = self, probes
+        threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
         bound = self._server.server_address
         return str(bound[0]), int(bound[1])
+
+    def exposition(self, accept: str) -> tuple[bytes, str]:
+        encoder, content_type = self._prom.exposition.choose_encoder(accept)
+        return encoder(self.registry), content_type
 
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    metrics: Metrics
+    probes: Probes | None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """/metrics (Prometheus text), /healthz and /readyz (200 or 503, one line of text)."""
+
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        probes = self.server.probes
+        if path in ("/metrics", "/"):
+            body, content_type = self.server.metrics.exposition(self.headers.get("Accept", ""))
+            self._answer(200, body, content_type)
+        elif path in ("/healthz", "/readyz") and probes is not None:
+            try:
+                ok, text = probes.health() if path == "/healthz" else probes.readiness()
+            except Exception as exc:  # a probe that cannot decide says so instead of hanging up
+                log.exception("%s failed", path)
+                ok, text = False, f"probe failed: {type(exc).__name__}"
+            self._answer(200 if ok else 503, (safe_text(text, 1000) + "\n").encode(), "text/plain; charset=utf-8")
+        else:
+            self._answer(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain; charset=utf-8")
+
+    def _answer(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes and probes every few seconds would drown the log
 
 
 class _StateCollector:
@@ -152,6 +216,14 @@ class _StateCollector:
             ("crm_bridge_daemons", "daemons", "Daemons connected to the database"),
         ):
             yield GaugeMetricFamily(name, text, value=float(s.get(key) or 0.0))
+        if snap.notify_queue_usage is not None:
+            yield GaugeMetricFamily("crm_bridge_notify_queue_usage_ratio",
+                                    "pg_notification_queue_usage(): fraction of the server's NOTIFY queue in use "
+                                    "(at 1 every NOTIFY fails: writers' commits error)",
+                                    value=float(snap.notify_queue_usage))
+        if snap.schema_version is not None:
+            yield GaugeMetricFamily("crm_bridge_schema_version", "Version of the crm_bridge schema in the database",
+                                    value=float(snap.schema_version))
         per_url = {
             "pending": GaugeMetricFamily("crm_bridge_url_pending_deliveries", "Pending deliveries per URL",
                                          labels=["trigger_id"]),

@@ -8,6 +8,10 @@
 * ``STATUS=`` every ``status_interval``: backlog, pending/retrying, deliveries/s, dead letters
   (read from the crm_bridge.summary view; ``systemctl status crm-bridge`` shows it).
 * ``STOPPING=1`` when a stop begins.
+* ``/healthz`` and ``/readyz`` on the metrics server (health / readiness below): liveness is the
+  watchdog's "main loop turning" without the database (restarting a daemon does not bring a
+  database back); readiness is "reaches the database, and its schema is the version this code was
+  written for" (read by the status task every ``status_interval``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ import anyio
 import psycopg
 from psycopg.rows import dict_row
 
+from .db import latest_version
+from .listen import CONNECT_KWARGS
 from .metrics import MAX_URL_LABELS, Metrics, Snapshot
+from .redact import safe_text, scrub
 from .sdnotify import Notifier
 from .settings import Settings
 from .sqlfiles import Q
@@ -80,6 +87,9 @@ class Service:
         self._stopping = False
         self._held_back = False         # watchdog pings withheld (logged once per outage)
         self._schema_warned = False
+        self._status_error: str | None = None   # why the last status read failed (readiness)
+        self._started = time.monotonic()
+        self.latest_schema = latest_version()
 
     # -- hooks the daemon calls -------------------------------------------------------------
     def on_ready(self) -> None:
@@ -105,9 +115,10 @@ class Service:
         self.daemon = daemon
         if self.metrics is not None:
             self.metrics.daemon = daemon
-            host, port = self.metrics.serve(self.s.metrics_addr)
+            host, port = self.metrics.serve(self.s.metrics_addr, probes=self)
             shown = f"[{host}]" if ":" in host else host
-            log.info("serving Prometheus metrics on http://%s:%d/metrics", shown, port)
+            log.info("serving Prometheus metrics on http://%s:%d/metrics (probes: /healthz, /readyz)",
+                     shown, port)
         self.notifier.status("starting: connecting to PostgreSQL")
         try:
             yield self
@@ -123,21 +134,63 @@ class Service:
             tg.start_soon(self._watchdog_loop)
             tg.start_soon(self._status_loop)
 
-    # -- watchdog ---------------------------------------------------------------------------
+    # -- watchdog and probes -----------------------------------------------------------------
     def alive(self) -> bool:
         """Healthy enough to ping the watchdog: database reachable and the main loop turning."""
         d = self.daemon
         if d is None or not d.healthy or not d.ready.is_set():
             return False
+        return self._loop_turning(d)
+
+    def _loop_turning(self, d: Daemon) -> bool:
         if self._stopping:
             return True  # the main loop has ended on purpose; TimeoutStopSec governs now
-        stalled = time.monotonic() - d.loop_tick
         # A loop waiting for free delivery slots is not stuck: each call has its own timeout.
-        return stalled < self._stall_limit() or d.held >= self.s.concurrency
+        return d.loop_stalled() < self.stall_limit() or d.held >= self.s.concurrency
 
-    def _stall_limit(self) -> float:
+    def stall_limit(self) -> float:
+        """How long the main loop may go without a turn before it counts as stuck: twice the poll
+        interval plus 5 s (9 s by default), or WatchdogSec when that is longer.  Deliberate
+        back-off after a database error (and the reconnect after it) does not count."""
         watchdog = self.notifier.watchdog_interval or 0.0
         return max(watchdog, 2 * self.s.poll_interval + 5.0)
+
+    def health(self) -> tuple[bool, str]:
+        """/healthz: the process is up and its main loop turns (the database is readiness's)."""
+        d = self.daemon
+        if d is None or not d.ready.is_set():
+            # Start-up: the pool waits up to 30 s for PostgreSQL, then the daemon exits.
+            waited = time.monotonic() - self._started
+            limit = self.stall_limit() + 30.0 + CONNECT_KWARGS["connect_timeout"]
+            if waited < limit:
+                return True, f"starting ({waited:.0f} s)"
+            return False, f"not started after {waited:.0f} s"
+        if self._loop_turning(d):
+            return True, "alive: main loop turning" + ("" if d.healthy else " (database unavailable: see /readyz)")
+        return False, (f"main loop has not turned for {d.loop_stalled():.0f} s "
+                       f"(limit {self.stall_limit():.0f} s)")
+
+    def readiness(self) -> tuple[bool, str]:
+        """/readyz: connected to the database, and the schema is the version this code expects."""
+        d = self.daemon
+        if d is None or not d.ready.is_set():
+            return False, "not ready: starting (not connected to the database yet)"
+        if self._stopping:
+            return False, "not ready: stopping"
+        if not d.healthy:
+            return False, "not ready: database unavailable (reconnecting)"
+        if self._status_error is not None:
+            return False, f"not ready: {self._status_error}"
+        version = self.snapshot.schema_version if self.snapshot is not None else None
+        if version is None:
+            return False, "not ready: schema version not read yet"
+        if version < self.latest_schema:
+            return False, (f"not ready: schema crm_bridge is at version {version}, this crm-bridge needs "
+                           f"{self.latest_schema}: run `crm-bridge migrate`")
+        if version > self.latest_schema:
+            return False, (f"not ready: schema crm_bridge is at version {version}, newer than this crm-bridge "
+                           f"({self.latest_schema}): upgrade crm-bridge")
+        return True, f"ready: database reachable, schema version {version}"
 
     async def _watchdog_loop(self) -> None:
         interval = self.notifier.watchdog_interval
@@ -154,7 +207,7 @@ class Service:
                 # Said once per outage: systemd restarts the daemon after WatchdogSec without pings.
                 self._held_back = True
                 why = ("the database is unavailable" if not d.healthy
-                       else f"the main loop has not turned for {time.monotonic() - d.loop_tick:.0f} s")
+                       else f"the main loop has not turned for {d.loop_stalled():.0f} s")
                 log.warning("watchdog: not pinging systemd: %s", why)
             await anyio.sleep(max(interval / 3, 0.02))
 
@@ -171,13 +224,17 @@ class Service:
                         if conn is None or conn.closed:
                             conn = await self._connect()
                         self.snapshot = await take_snapshot(conn, urls=self.metrics is not None)
+                    self._status_error = None
                     if self.metrics is not None:
                         self.metrics.snapshot = self.snapshot
                 except psycopg.errors.UndefinedTable as exc:
+                    self._status_error = "status views missing: run `crm-bridge migrate`"
                     if not self._schema_warned:
                         self._schema_warned = True
                         log.warning("status views missing (%s): run `crm-bridge migrate`", str(exc).strip())
                 except (psycopg.Error, TimeoutError) as exc:
+                    why = "timed out" if isinstance(exc, TimeoutError) else f"failed: {scrub(str(exc).strip())}"
+                    self._status_error = safe_text(f"database status query {why}", 300)
                     log.debug("status query failed: %s", exc)
                     if conn is not None:
                         await conn.close()
@@ -215,4 +272,8 @@ async def take_snapshot(conn: psycopg.AsyncConnection, *, urls: bool) -> Snapsho
         if urls:
             await cur.execute(Q.metrics_urls, {"limit": MAX_URL_LABELS})
             rows = await cur.fetchall()
-    return Snapshot(summary=summary, urls=rows)
+        await cur.execute(Q.probe_state)
+        state = await cur.fetchone()
+        assert state is not None
+    return Snapshot(summary=summary, urls=rows, schema_version=state["schema_version"],
+                    notify_queue_usage=state["notify_queue_usage"])

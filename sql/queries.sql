@@ -111,6 +111,11 @@ SELECT crm_bridge.replay(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until
 SELECT * FROM crm_bridge.replay_delivered(%(trigger_id)s, %(since)s, %(until)s, %(dry_run)s, %(limit)s,
                                           %(after_at)s, %(after_call)s);
 
+-- name: replay_record
+-- The dead (with %(delivered)s, also the delivered) calls of one record, named by its ID parameters
+-- (a JSON object), queued again in call order; dry_run: listed only.  One row per call.
+SELECT * FROM crm_bridge.replay_record(%(record)s, %(object)s, %(delivered)s, %(dry_run)s, %(trigger_id)s);
+
 -- name: purge_batch
 -- Delete up to %(limit)s matching dead letters.
 SELECT crm_bridge.purge(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s, %(limit)s);
@@ -209,6 +214,11 @@ SELECT id, object, event, url, state, pending, retrying, in_flight, dead,
        last_dead_at, last_success_at, last_failure_at, last_failure_status, last_failure_error
   FROM crm_bridge.url_status
  ORDER BY id;
+
+-- name: probe_state
+-- The schema version (readiness: /readyz) and how full the server's NOTIFY queue is (a metric).
+SELECT (SELECT max(version) FROM crm_bridge.schema_version) AS schema_version,
+       pg_notification_queue_usage() AS notify_queue_usage;
 
 -- name: metrics_urls
 -- Per URL queue counts for the metrics (cheap view; at most %(limit)s URLs).
