@@ -115,3 +115,7 @@ SELECT pg_backend_pid();
 -- name: daemon_backends
 -- The daemon's server processes (its pool and its listener).
 SELECT pid FROM pg_stat_activity WHERE starts_with(application_name, 'crm-bridge');
+
+-- name: batch_urls
+-- The bench's URLs as POST calls, %(batch_max)s calls per request (NULL: one call per request).
+UPDATE crm_bridge.crm_trigger SET method = 'POST', batch_max = %(batch_max)s;
