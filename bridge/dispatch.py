@@ -580,7 +580,8 @@ class Daemon:
 
     async def _deliver_batch(self, ds: list[Delivery]) -> None:
         """One request for the calls ``ds`` of one URL (batch_max); each call's outcome is then
-        recorded as if it had been sent alone.  The log says what happened once per batch."""
+        recorded as if it had been sent alone.  The log says what happened once per batch (and
+        names each call that became a dead letter, as for single calls)."""
         assert self._client is not None and ds[0].trigger_id is not None
         try:
             async with self._url_slots[ds[0].trigger_id]:   # one request: one of the URL's slots
@@ -591,7 +592,7 @@ class Daemon:
         counts = {"delivered": 0, "pending": 0, "dead": 0}
         for d, outcome in zip(ds, outcomes, strict=True):
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
-            self._finish(d, outcome, quiet=True)
+            self._finish(d, outcome, quiet=outcome.status != "dead")   # each dead letter is logged
         failed = next((o for o in outcomes if o.status != "delivered"), None)
         key = batch_key([d.id for d in ds])
         if failed is None:
@@ -599,7 +600,7 @@ class Daemon:
                       outcomes[0].duration_ms)
             return
         retry = min((o.delay for o in outcomes if o.status == "pending"), default=None)
-        (log.warning if counts["dead"] else log.info)(
+        log.info(
             "batch %s (%d calls to URL %d, attempt %d): %d delivered, %d to retry%s, %d dead: %s", key, len(ds),
             ds[0].trigger_id, ds[0].attempts + 1, counts["delivered"], counts["pending"],
             "" if retry is None else f" in {retry:.1f} s", counts["dead"], failed.error)
