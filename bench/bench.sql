@@ -155,3 +155,7 @@ SELECT CASE WHEN s.query LIKE '%daemon\_claim(%' THEN 'claim'
 -- name: autovacuum_naptime
 -- Seconds between autovacuum's visits of a database.
 SELECT setting::float8 FROM pg_catalog.pg_settings WHERE name = 'autovacuum_naptime';
+
+-- name: batch_urls
+-- The bench's URLs as POST calls, %(batch_max)s calls per request (NULL: one call per request).
+UPDATE crm_bridge.crm_trigger SET method = 'POST', batch_max = %(batch_max)s;

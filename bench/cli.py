@@ -20,7 +20,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 
-from . import bulk, drain, idle, latency, retention, scaleout, writes
+from . import batching, bulk, drain, idle, latency, retention, scaleout, writes
 from .config import FULL, QUICK
 from .context import Ctx
 from .env import load_average, machine_facts, open_bench_db
@@ -40,6 +40,7 @@ PHASES = {
     "livemax": latency.highest_steady_rate,
     "retention": retention.retention,
     "scaleout": scaleout.two_daemons,
+    "batching": batching.batched_vs_single,
     "idle": idle.idle,
 }
 
@@ -62,6 +63,9 @@ def declare_goals(report: Report) -> None:
                      "tuples of every crm_bridge relation after vs before, round over round",
                 "≤ 1.5x, no growth")
     report.goal("9", "two daemons ÷ one daemon, drain rate; cores and what limits it", "reported", reported=True)
+    # Issue 13.3 (batched calls): a figure to report, no threshold.
+    report.goal("B", "batched calls (issue 13.3): backlog of 1-row events, POST, calls/s with batch_max = 100 "
+                     "÷ single calls, same receiver", "reported", reported=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,6 +44,10 @@ class Sizes:
     # goal 9
     scaleout_events: int
     scaleout_limit: float
+    # issue 13.3: batched calls ÷ single calls
+    batch_events: int
+    batch_rounds: int             # rounds of (single, batched), order rotated every round
+    batch_limit: float
     # no goal: idle daemon
     idle_seconds: float
 
@@ -57,6 +61,7 @@ FULL = Sizes(
     retention_window=15.0, retention_interval=5.0, retention_warmup=100_000, retention_round=150_000,
     retention_rounds=2, retention_settle=15.0, retention_limit=200.0,
     scaleout_events=50_000, scaleout_limit=90.0,
+    batch_events=50_000, batch_rounds=2, batch_limit=90.0,
     idle_seconds=10.0,
 )
 
@@ -69,5 +74,6 @@ QUICK = Sizes(
     retention_window=1.0, retention_interval=1.0, retention_warmup=500, retention_round=1_000,
     retention_rounds=2, retention_settle=0.5, retention_limit=5.0,
     scaleout_events=1_000, scaleout_limit=5.0,
+    batch_events=1_000, batch_rounds=1, batch_limit=5.0,
     idle_seconds=1.0,
 )

@@ -6,6 +6,10 @@ framework: it reads request heads, answers ``200`` with ``Content-Length: 0`` an
 ``(time.time(), request target)`` to a list in memory.  That is a few microseconds per request,
 far below what any client here can send, so the receiver is not what the bench measures.
 
+A request with a JSON body (POST calls) is recorded once per call it carries: a single-call body
+``{"ids": {…}, …}`` or a batch, an array of them, each as ``path?Name=value&…`` from its ``ids``
+(so that a drain counts calls, batched or not, the same way as GET targets).
+
 Control requests (not recorded) under ``/__bench/``: ``count`` (body: number recorded),
 ``dump`` (writes the records to the dump file, then answers), ``reset`` (forgets them).
 SIGTERM also dumps, then exits.  Only loopback addresses may be bound.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import signal
 import sys
 import time
@@ -23,6 +28,7 @@ from pathlib import Path
 
 MAX_RECORDS = 2_000_000      # bounded memory: ~200 MB worst case, far above any bench run
 MAX_HEAD = 16384             # a request head larger than this is a client bug: drop the connection
+MAX_BODY = 64 << 20          # a request body larger than this too
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
 
@@ -39,6 +45,21 @@ class Recorder:
             self.records.append((at, target))
         else:
             self.dropped += 1
+
+    def add_body(self, at: float, target: bytes, body: bytes) -> None:
+        """One record per call in a JSON body (a call, or an array of calls), else one for the request."""
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            self.add(at, target)
+            return
+        path = target.split(b"?", 1)[0].decode("latin-1")
+        for call in doc if isinstance(doc, list) else [doc]:
+            ids = call.get("ids") if isinstance(call, dict) else None
+            if isinstance(ids, dict):
+                self.add(at, f"{path}?{'&'.join(f'{k}={v}' for k, v in ids.items())}".encode())
+            else:
+                self.add(at, target)
 
     def dump(self) -> None:
         tmp = self.dump_path.with_suffix(".tmp")
@@ -63,7 +84,8 @@ class Recorder:
 
 
 class HttpProtocol(asyncio.Protocol):
-    """One connection: parse pipelined request heads (GET, no body) and answer each at once."""
+    """One connection: parse pipelined requests (heads, and bodies of Content-Length) and answer
+    each at once."""
 
     def __init__(self, recorder: Recorder) -> None:
         self.rec = recorder
@@ -81,22 +103,40 @@ class HttpProtocol(asyncio.Protocol):
         out = []
         close = False
         while (end := self.buf.find(b"\r\n\r\n")) >= 0:
-            head, self.buf = self.buf[:end], self.buf[end + 4:]
+            head = self.buf[:end]
             line, _, headers = head.partition(b"\r\n")
+            lower = headers.lower()
+            length = 0
+            if (at_cl := lower.find(b"content-length:")) >= 0:
+                try:
+                    length = int(lower[at_cl + 15:].split(b"\r\n", 1)[0])
+                except ValueError:
+                    close = True
+                    break
+            if length > MAX_BODY:
+                close = True
+                break
+            if len(self.buf) < end + 4 + length:
+                break                       # the body is not all here yet
+            body = self.buf[end + 4:end + 4 + length]
+            self.buf = self.buf[end + 4 + length:]
             parts = line.split(b" ")
             target = parts[1] if len(parts) == 3 else b"?"
             if target.startswith(b"/__bench/"):
                 out.append(self.rec.control(target))
             else:
-                self.rec.add(at, target)
+                if body:
+                    self.rec.add_body(at, target, body)
+                else:
+                    self.rec.add(at, target)
                 out.append(OK)
-            if b"connection: close" in headers.lower():
+            if b"connection: close" in lower:
                 close = True
                 break
         assert self.transport is not None
         if out:
             self.transport.write(b"".join(out))
-        if close or len(self.buf) > MAX_HEAD:
+        if close or (len(self.buf) > MAX_HEAD and b"\r\n\r\n" not in self.buf):
             self.transport.close()
 
 

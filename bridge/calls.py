@@ -2,6 +2,8 @@
 
 * GET (the seed format): ``<url>?AccountID=…``, empty body.
 * POST: the configured URL as is, JSON body ``{"object","event","ids":{…},"occurred_at","event_id"}``.
+* Batched POST (``batch_max`` > 1): up to batch_max calls in one request, the body a JSON array of
+  their single-call bodies, one signature and one key per batch (batch_key).
 
 Every call carries ``Idempotency-Key`` and ``webhook-id`` (both the call id: one per record and
 URL, kept by retries and replays) so that a receiver can drop the duplicates at-least-once
@@ -20,6 +22,7 @@ import hmac
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import TYPE_CHECKING
@@ -358,11 +361,83 @@ def make_call(plan: UrlPlan, d: Delivery, *, now: float | None = None) -> tuple[
     return Call(plan.method, url, headers, body, plan.secrets, plan.static_header_names), query
 
 
+# -- batched calls (crm_trigger.batch_max, migration 0013) -------------------------------------------
+# The most calls one request carries, whatever the configuration says (the database refuses more).
+MAX_BATCH = 1000
+
+
+def batch_limit(d: Delivery) -> int:
+    """How many calls of ``d``'s URL one request may carry: batch_max for a POST URL (bounded
+    here too: validation can be switched off), else 1."""
+    size = d.batch_max
+    if not isinstance(size, int) or size <= 1 or (d.method or "GET").upper() != "POST":
+        return 1
+    return min(size, MAX_BATCH)
+
+
+def batch_key(call_ids: Sequence[int]) -> str:
+    """The Idempotency-Key / webhook-id of a batch: ``batch_<lowest call id>_<count>_<16 hex of
+    SHA-256 over the sorted call ids>``.  A function of the set of calls only, so a retry of the
+    same calls has the same key and any other set of calls another one (the lowest id and the
+    count alone would give two different sets the same key, and a receiver that drops repeated
+    keys would drop the second)."""
+    ordered = sorted(call_ids)
+    digest = hashlib.sha256(",".join(map(str, ordered)).encode()).hexdigest()[:16]
+    return f"batch_{ordered[0]}_{len(ordered)}_{digest}"
+
+
+def make_batch_call(plan: UrlPlan, ds: Sequence[Delivery], bodies: Sequence[bytes], *,
+                    now: float | None = None) -> Call:
+    """One POST for the calls ``ds`` of one URL: the body is the JSON array of their single-call
+    bodies (``bodies``, json_body of each, in order), signed once over the whole body under the
+    batch's key (batch_key).  Raises CallConfigError (permanent)."""
+    if plan.error is not None:
+        raise CallConfigError(plan.error)
+    if plan.method != "POST":
+        raise CallConfigError("batched calls need method = 'POST'")
+    body = b"[" + b",".join(bodies) + b"]"
+    msg_id = batch_key([d.id for d in ds])
+    headers = [*plan.headers, ("Idempotency-Key", msg_id), ("webhook-id", msg_id)]
+    if plan.key_error is not None:
+        raise CallConfigError(plan.key_error)
+    if plan.key is not None:
+        ts = int(time.time() if now is None else now)
+        headers += [("webhook-timestamp", str(ts)), ("webhook-signature", _signature(plan.key, msg_id, ts, body))]
+    return Call(plan.method, plan.prefix, headers, body, plan.secrets, plan.static_header_names)
+
+
+# The largest answer body read for a list of failed events (a batch of 1,000 ids is ~20 kB).
+MAX_ANSWER = 1 << 20
+
+
+def failed_in_answer(content: bytes) -> frozenset[int] | None:
+    """The event ids a receiver's 2xx answer to a batch lists as failed: a JSON object with a
+    list ``"failed"`` of event ids (numbers, or strings of digits).  None when the answer says
+    nothing of the kind (then the 2xx acknowledges every call).  Never raises."""
+    if not content or len(content) > MAX_ANSWER or b'"failed"' not in content:
+        return None
+    try:
+        doc = json.loads(content)
+    except Exception:  # not JSON, too deep, ...: a plain acknowledgement
+        return None
+    failed = doc.get("failed") if isinstance(doc, dict) else None
+    if not isinstance(failed, list):
+        return None
+    out: set[int] = set()
+    for item in failed:
+        if isinstance(item, int) and not isinstance(item, bool):
+            out.add(item)
+        elif isinstance(item, str) and item.isascii() and item.isdigit() and len(item) < 20:
+            out.add(int(item))
+    return frozenset(out)
+
+
 def build_call(d: Delivery, *, now: float | None = None) -> Call:
     """The request for one attempt.  Raises MissingId or CallConfigError (both permanent)."""
     assert d.url is not None
     return make_call(plan_for(d), d, now=now)[0]
 
 
-__all__ = ["Call", "CallConfigError", "MissingId", "UrlPlan", "build_call", "call_secrets", "make_call",
-           "plan_for", "sign", "static_headers"]
+__all__ = ["Call", "CallConfigError", "MissingId", "UrlPlan", "batch_key", "batch_limit", "build_call",
+           "call_secrets", "failed_in_answer", "json_body", "make_batch_call", "make_call", "plan_for", "sign",
+           "static_headers"]

@@ -1,4 +1,5 @@
-"""One HTTP attempt for one delivery, and the retry policy that judges its outcome."""
+"""One HTTP attempt for one delivery (or one batch of a URL's deliveries), and the retry policy
+that judges its outcome."""
 
 from __future__ import annotations
 
@@ -8,14 +9,26 @@ import logging
 import random
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
-from .calls import Call, CallConfigError, call_secrets, make_call, plan_for
-from .http import MAX_REDIRECTS, REDIRECT_HOP, AddressRefused
+from .calls import (
+    MAX_ANSWER,
+    Call,
+    CallConfigError,
+    UrlPlan,
+    call_secrets,
+    failed_in_answer,
+    json_body,
+    make_batch_call,
+    make_call,
+    plan_for,
+)
+from .http import MAX_REDIRECTS, READ_ANSWER, REDIRECT_HOP, AddressRefused
 from .redact import redact_url, safe_text, scrub
 from .settings import Settings
 from .urls import MissingId
@@ -62,6 +75,8 @@ class Delivery:
     # {"new"/"old": captured row} as PostgreSQL's JSON text, for include_row URLs: never parsed,
     # spliced into the POST body as is (calls.row_members).
     row: Any = field(default=None, repr=False)
+    # Calls per request for a POST URL (migration 0013); NULL or 1: one call per request.
+    batch_max: int | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Delivery:
@@ -218,6 +233,35 @@ async def _attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, 
         return Outcome("dead", error=scrub(str(exc), secrets))
     except Exception as exc:  # an odd URL or a bug: one dead delivery, never a dead daemon
         return _unbuildable(d, exc, secrets)
+    ex = await _exchange(client, plan, call, query, d, settings)
+    if isinstance(ex, Outcome):
+        return ex
+    if ex.refused:
+        # The policy will refuse the next attempt too: a dead letter now, not seven more tries.
+        return Outcome("dead", error=f"permanent failure: {ex.error}", duration_ms=ex.duration_ms)
+    return policy.judge(d, status=ex.status, error=ex.error, retry_after=ex.retry_after, duration_ms=ex.duration_ms)
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """What one request got: the status (None: no answer), an error text, Retry-After, the time
+    it took, whether the address policy refused it, and the answer's body (2xx only)."""
+
+    status: int | None
+    error: str | None
+    retry_after: str | None
+    duration_ms: int
+    refused: bool
+    content: bytes = b""
+
+
+async def _exchange(client: httpx.AsyncClient, plan: UrlPlan, call: Call, query: str, d: Delivery,
+                    settings: Settings, *, read_answer: int = 0) -> _Exchange | Outcome:
+    """Send ``call`` (built for ``d``'s URL) and read the answer (of a 2xx, at most
+    ``read_answer`` bytes).  An Outcome when the request cannot even be built (a dead letter).
+    Never raises (except cancellation)."""
+    assert d.url is not None
+    secrets = plan.secrets
     timeout = d.timeout_ms / 1000.0 if d.timeout_ms else settings.timeout
     follow = settings.follow_redirects if d.follow_redirects is None else d.follow_redirects
     started = time.monotonic()
@@ -225,10 +269,12 @@ async def _attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, 
     error: str | None = None
     retry_after: str | None = None
     refused = False
+    content = b""
     try:
         request = client.build_request(call.method, plan.target(call.url, query), headers=call.headers,
                                        content=call.body or None,
-                                       extensions={"timeout": _timeout_extension(timeout)})
+                                       extensions={"timeout": _timeout_extension(timeout)} if not read_answer
+                                       else {"timeout": _timeout_extension(timeout), READ_ANSWER: read_answer})
     except (httpx.InvalidURL, ValueError) as exc:  # e.g. malformed punycode (idna.IDNAError)
         return Outcome("dead", error=scrub(f"invalid URL {redact_url(call.url)}: {exc}", secrets))
     try:
@@ -237,6 +283,8 @@ async def _attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, 
         async with asyncio.timeout(timeout):
             resp, refusal = await _send(client, request, call, follow)
         status = resp.status_code
+        if 200 <= status < 300:
+            content = resp.content
         if refusal:
             error = refusal
         elif status >= 300:
@@ -264,7 +312,87 @@ async def _attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, 
     if error:
         error = scrub(error.replace(call.url, redact_url(call.url)).replace(d.url, redact_url(d.url)), secrets)
         error = safe_text(error, 2 * MAX_ERROR_LEN)  # judge() adds a prefix; attempt() bounds the result
-    if refused:
-        # The policy will refuse the next attempt too: a dead letter now, not seven more tries.
-        return Outcome("dead", error=f"permanent failure: {error}", duration_ms=duration_ms)
-    return policy.judge(d, status=status, error=error, retry_after=retry_after, duration_ms=duration_ms)
+    return _Exchange(status, error, retry_after, duration_ms, refused, content)
+
+
+# -- batched calls (crm_trigger.batch_max) ---------------------------------------------------------
+async def attempt_batch(client: httpx.AsyncClient, policy: RetryPolicy, ds: Sequence[Delivery],
+                        settings: Settings) -> list[Outcome]:
+    """Send the calls ``ds`` (one URL, the same attempt count) in one request and judge it: one
+    outcome per call, in order.  Never raises (except cancellation).
+
+    * a 2xx acknowledges every call, except those whose event id the answer lists in
+      ``{"failed": [...]}`` (calls.failed_in_answer): they fail this attempt;
+    * any other answer, a timeout or a connection error fails the attempt of every call;
+    * failed calls are retried (each with its attempt count, max_attempts, dead letter) after ONE
+      delay for the whole batch, so they come back due together and a retry of the same calls
+      carries the same key;
+    * a call whose own body cannot be built (a NULL ID, a broken row) is a dead letter alone.
+    """
+    outcomes = await _attempt_batch(client, policy, ds, settings)
+    for o in outcomes:
+        if o.error is not None:
+            o.error = safe_text(o.error, MAX_ERROR_LEN)
+    return outcomes
+
+
+async def _attempt_batch(client: httpx.AsyncClient, policy: RetryPolicy, ds: Sequence[Delivery],
+                         settings: Settings) -> list[Outcome]:
+    first = ds[0]
+    assert first.url is not None
+    try:
+        plan = plan_for(first)
+    except Exception as exc:
+        dead = _unbuildable(first, exc, call_secrets(first))
+        return [replace(dead) for _ in ds]
+    secrets = plan.secrets
+    out: list[Outcome | None] = [None] * len(ds)
+    if plan.error is not None:
+        return [Outcome("dead", error=scrub(plan.error, secrets)) for _ in ds]
+    members: list[int] = []
+    bodies: list[bytes] = []
+    for i, d in enumerate(ds):
+        try:
+            bodies.append(json_body(d))
+        except (MissingId, CallConfigError) as exc:
+            out[i] = Outcome("dead", error=scrub(str(exc), secrets))
+            continue
+        except Exception as exc:  # an odd row or a bug: one dead delivery
+            out[i] = _unbuildable(d, exc, secrets)
+            continue
+        members.append(i)
+    if members:
+        sent = [ds[i] for i in members]
+        for i, o in zip(members, await _send_batch(client, policy, plan, sent, bodies, settings), strict=True):
+            out[i] = o
+    return [o if o is not None else Outcome("dead", error="no outcome (a bug)") for o in out]
+
+
+async def _send_batch(client: httpx.AsyncClient, policy: RetryPolicy, plan: UrlPlan, sent: list[Delivery],
+                      bodies: list[bytes], settings: Settings) -> list[Outcome]:
+    first = sent[0]
+    try:
+        call = make_batch_call(plan, sent, bodies)
+    except CallConfigError as exc:
+        return [Outcome("dead", error=scrub(str(exc), plan.secrets)) for _ in sent]
+    except Exception as exc:
+        dead = _unbuildable(first, exc, plan.secrets)
+        return [replace(dead) for _ in sent]
+    ex = await _exchange(client, plan, call, "", first, settings, read_answer=MAX_ANSWER)
+    if isinstance(ex, Outcome):
+        return [replace(ex) for _ in sent]
+    if ex.refused:
+        return [Outcome("dead", error=f"permanent failure: {ex.error}", duration_ms=ex.duration_ms) for _ in sent]
+    if ex.status is not None and 200 <= ex.status < 300:
+        failed = failed_in_answer(ex.content) or frozenset()
+        delivered = Outcome("delivered", http_status=ex.status, duration_ms=ex.duration_ms)
+        if not failed or not any(d.event_id in failed for d in sent):
+            return [replace(delivered) for _ in sent]
+        # One judgement for every listed call: the same delay, so they come back together.
+        listed = policy.judge(first, status=None, retry_after=None, duration_ms=ex.duration_ms,
+                              error=f"HTTP {ex.status}: the receiver listed the event as failed")
+        listed.http_status = ex.status
+        return [replace(listed) if d.event_id in failed else replace(delivered) for d in sent]
+    judged = policy.judge(first, status=ex.status, error=ex.error, retry_after=ex.retry_after,
+                          duration_ms=ex.duration_ms)
+    return [replace(judged) for _ in sent]

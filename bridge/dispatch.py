@@ -7,7 +7,9 @@ Tasks (all in one anyio task group; if one dies the daemon stops loudly):
               writers that committed before the lock) and wait for a NOTIFY, a local wake-up or
               the fallback poll.
 * deliveries  a pool of sender tasks (grown on demand up to the calls held) takes claimed calls
-              from a queue; a per-URL limiter bounds how many calls one URL has running.
+              from a queue; a per-URL limiter bounds how many requests one URL has running.
+              Calls of a URL with batch_max > 1 are grouped per claim (same URL, same attempt
+              count, up to batch_max each, in call id order) and sent as one request each.
 * flusher     records a batch in one statement when all its calls are done (or, after
               BATCH_RECORD_AFTER seconds, what is done: the rest are then held one by one in the
               queue), and outcomes of calls held one by one in one statement per flush.
@@ -36,8 +38,8 @@ from anyio.abc import TaskGroup
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from .calls import call_secrets
-from .deliver import Delivery, Outcome, RetryPolicy, attempt
+from .calls import batch_key, batch_limit, call_secrets
+from .deliver import Delivery, Outcome, RetryPolicy, attempt, attempt_batch
 from .http import client_for
 from .listen import CHANNEL, CONNECT_KWARGS, Listener
 from .redact import safe_text, scrub
@@ -99,7 +101,7 @@ class Stats:
 
 # The columns of a claimed row that are the URL's settings rather than the call's.
 URL_SETTINGS = ("url", "timeout_ms", "max_attempts", "retry_schedule", "max_in_flight", "id_params", "method",
-                "headers", "follow_redirects", "signing_secret")
+                "headers", "follow_redirects", "signing_secret", "batch_max")
 
 
 @dataclass(eq=False)
@@ -168,7 +170,8 @@ class Daemon:
         # Claimed deliveries waiting for a sender, and senders (tasks running _sender) that are
         # waiting for work or have been started and not yet taken any: a handoff through a
         # queue costs a fifth of a task per call (bench/profile_calls.py).
-        self._sendq: asyncio.Queue[Delivery] | None = None
+        self._sendq: asyncio.Queue[Delivery | list[Delivery]] | None = None   # a call, or a batch of one URL's
+        self._url_batch: dict[int, int] = {}    # calls per request of a URL (batch_max; 1: single calls)
         self._senders = 0
         self._idle_senders = 0
         self._last_recorded = -math.inf   # monotonic times outcomes were last recorded and
@@ -363,7 +366,9 @@ class Daemon:
         for tid, held in self._url_held.items():
             if held:
                 ids.append(tid)
-                free.append(max(self._url_limit.get(tid, self.s.max_in_flight_per_url) - held, 0))
+                # Slots count requests; a batching URL's request carries up to batch_max calls.
+                limit = self._url_limit.get(tid, self.s.max_in_flight_per_url) * self._url_batch.get(tid, 1)
+                free.append(max(limit - held, 0))
         return ids, free
 
     def _claim_params(self, batch: int) -> dict:
@@ -440,6 +445,7 @@ class Daemon:
                     cur = conn.cursor(row_factory=dict_row)
                     await cur.execute(Q.claim_due, params)
                     due = await cur.fetchall()
+                    due.sort(key=lambda r: r["id"])   # batches are made in call id order (see _spawn)
                     await self._spawn(conn, tg, due)
                     self._waiting_hint = bool(due or pending)
                     if len(due) >= params["batch"]:
@@ -459,6 +465,10 @@ class Daemon:
         assert queue is not None
         batches: dict[int, _Batch] = {}
         settings: dict[int, dict] = {}
+        # Calls of batching URLs, per (URL, attempts): sent as one request per batch_max calls.
+        # Rows come in call id order, so a failed batch, retried as a whole (its calls share one
+        # retry time), is made of the same calls again and carries the same key.
+        grouped: dict[tuple[int, int], list[Delivery]] = {}
         for row in rows:
             batch_id = row.pop("batch_id", None)
             # A claim sends a URL's settings on the first of its calls only (see daemon_claim).
@@ -492,16 +502,33 @@ class Daemon:
                 self._url_slots[d.trigger_id] = anyio.CapacityLimiter(limit)
             elif slots.total_tokens != limit:
                 slots.total_tokens = limit
-            queue.put_nowait(d)
-            # Every idle sender takes one; start another for the rest.  At most one sender per
-            # call held (a sender may wait for its URL's limiter), so never more than that.
-            if queue.qsize() > self._idle_senders and self._senders < self._held:
-                self._senders += 1
-                self._idle_senders += 1
-                tg.start_soon(self._sender)
+            size = self._url_batch[d.trigger_id] = batch_limit(d)
+            if size > 1:
+                group = grouped.setdefault((d.trigger_id, d.attempts), [])
+                group.append(d)
+                if len(group) >= size:
+                    self._enqueue(tg, group)
+                    grouped[(d.trigger_id, d.attempts)] = []
+                continue
+            self._enqueue(tg, d)
+        for group in grouped.values():
+            if group:
+                self._enqueue(tg, group)
         for batch in batches.values():
             if batch.done:   # every call of it failed to load
                 self._results_ready.set()
+
+    def _enqueue(self, tg: TaskGroup, item: Delivery | list[Delivery]) -> None:
+        """Hand a call (or a batch of one URL's calls) to a sender."""
+        queue = self._sendq
+        assert queue is not None
+        queue.put_nowait(item)
+        # Every idle sender takes one; start another for the rest.  At most one sender per
+        # call held (a sender may wait for its URL's limiter), so never more than that.
+        if queue.qsize() > self._idle_senders and self._senders < self._held:
+            self._senders += 1
+            self._idle_senders += 1
+            tg.start_soon(self._sender)
 
     async def _sender(self) -> None:
         """Send claimed calls one after the other until the daemon stops (cancelled with the
@@ -510,10 +537,13 @@ class Daemon:
         assert queue is not None
         while True:
             try:
-                d = await queue.get()   # counted idle by whoever made this sender idle
+                item = await queue.get()   # counted idle by whoever made this sender idle
             finally:
                 self._idle_senders -= 1
-            await self._deliver(d)
+            if isinstance(item, list):
+                await self._deliver_batch(item)
+            else:
+                await self._deliver(item)
             self._idle_senders += 1
 
     async def _dead_letter_claimed(self, conn: psycopg.AsyncConnection, delivery_id: object, error: str,
@@ -555,19 +585,54 @@ class Daemon:
         except Exception as exc:  # attempt() never raises; if it ever did, one dead letter, not a dead daemon
             outcome = Outcome("dead", error=safe_text(scrub(f"unexpected error: {type(exc).__name__}: {exc}",
                                                             call_secrets(d)), MAX_REASON_LEN))
+        self._finish(d, outcome)
+
+    async def _deliver_batch(self, ds: list[Delivery]) -> None:
+        """One request for the calls ``ds`` of one URL (batch_max); each call's outcome is then
+        recorded as if it had been sent alone.  The log says what happened once per batch (and
+        names each call that became a dead letter, as for single calls)."""
+        assert self._client is not None and ds[0].trigger_id is not None
+        try:
+            async with self._url_slots[ds[0].trigger_id]:   # one request: one of the URL's slots
+                outcomes = await attempt_batch(self._client, self.policy, ds, self.s)
+        except Exception as exc:  # attempt_batch() never raises; if it ever did, dead letters, not a dead daemon
+            outcomes = [Outcome("dead", error=safe_text(scrub(f"unexpected error: {type(exc).__name__}: {exc}",
+                                                              call_secrets(ds[0])), MAX_REASON_LEN)) for _ in ds]
+        counts = {"delivered": 0, "pending": 0, "dead": 0}
+        for d, outcome in zip(ds, outcomes, strict=True):
+            counts[outcome.status] = counts.get(outcome.status, 0) + 1
+            self._finish(d, outcome, quiet=outcome.status != "dead")   # each dead letter is logged
+        failed = next((o for o in outcomes if o.status != "delivered"), None)
+        key = batch_key([d.id for d in ds])
+        if failed is None:
+            log.debug("batch %s (%d calls to URL %d) delivered in %d ms", key, len(ds), ds[0].trigger_id,
+                      outcomes[0].duration_ms)
+            return
+        retry = min((o.delay for o in outcomes if o.status == "pending"), default=None)
+        log.info(
+            "batch %s (%d calls to URL %d, attempt %d): %d delivered, %d to retry%s, %d dead: %s", key, len(ds),
+            ds[0].trigger_id, ds[0].attempts + 1, counts["delivered"], counts["pending"],
+            "" if retry is None else f" in {retry:.1f} s", counts["dead"], failed.error)
+
+    def _finish(self, d: Delivery, outcome: Outcome, *, quiet: bool = False) -> None:
+        """Count, log (unless quiet: a batch logs once) and hand the outcome of one call to its
+        record (with its batch row, or one by one)."""
         if self._on_outcome:
             self._on_outcome(d, outcome)
         if outcome.status == "delivered":
             self.stats.delivered += 1
-            log.debug("delivery %d (%s/%s) delivered in %d ms", d.id, d.object, d.event, outcome.duration_ms)
+            if not quiet:
+                log.debug("delivery %d (%s/%s) delivered in %d ms", d.id, d.object, d.event, outcome.duration_ms)
             self.stats.record_latency(max(0.0, time.time() - d.event_created_at.timestamp()))
         elif outcome.status == "dead":
             self.stats.dead += 1
-            log.warning("delivery %d (%s/%s) is dead: %s", d.id, d.object, d.event, outcome.error)
+            if not quiet:
+                log.warning("delivery %d (%s/%s) is dead: %s", d.id, d.object, d.event, outcome.error)
         else:
             self.stats.failed_attempts += 1
-            log.info("delivery %d (%s/%s) attempt %d failed, retry in %.1f s: %s", d.id, d.object,
-                     d.event, d.attempts + 1, outcome.delay, outcome.error)
+            if not quiet:
+                log.info("delivery %d (%s/%s) attempt %d failed, retry in %.1f s: %s", d.id, d.object,
+                         d.event, d.attempts + 1, outcome.delay, outcome.error)
         batch = self._call_batch.pop(d.id, None)
         if batch is not None and batch.recording:
             batch.calls.pop(d.id, None)

@@ -58,6 +58,9 @@ NON_PUBLIC = (
 # httpx request extension set on a redirect hop to another origin than the configured URL's.
 REDIRECT_HOP = "crm_bridge_redirect_hop"
 MAX_ERROR_BODY = 512
+# A request extension: read this many bytes of a 2xx answer's body too (batched calls, whose
+# receiver may list the events that failed); other 2xx bodies are never read.
+READ_ANSWER = "crm_bridge_read_answer"
 MAX_REDIRECTS = 5
 
 
@@ -242,7 +245,12 @@ class BridgeTransport(httpx.AsyncBaseTransport):
                 allow_redirects=False,
                 timeout=self._timeout(request.extensions.get("timeout", {})),
             ) as resp:
-                content = await resp.content.read(MAX_ERROR_BODY) if resp.status >= 300 else b""
+                if resp.status >= 300:
+                    content = await resp.content.read(MAX_ERROR_BODY)
+                elif answer := request.extensions.get(READ_ANSWER):
+                    content = await resp.content.read(answer)
+                else:
+                    content = b""
                 return httpx.Response(status_code=resp.status, headers=resp.raw_headers,
                                       content=content, request=request)
         except AddressRefused:

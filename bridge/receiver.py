@@ -45,6 +45,8 @@ class Rule:
     times: int | None = None
     handler: Callable[[Call], None] | None = None
     body: str | None = None              # answer body (default "ok" / "no")
+    # Decides the answer from the request: (status, body); status and body above are then unused.
+    respond: Callable[[Call], tuple[int, str]] | None = None
 
 
 class Receiver:
@@ -130,6 +132,9 @@ class Receiver:
         body = await request.read()
         call = Call(request.method, request.raw_path, dict(request.headers), body, time.time())
         rule = self._rule_for(call.target) or Rule()
+        if rule.respond is not None:
+            status, text = rule.respond(call)
+            rule = Rule(status=status, headers=rule.headers, delay=rule.delay, body=text)
         with self._cond:
             self.attempts.append(call)  # on arrival, before any scripted delay
             self._cond.notify_all()
