@@ -62,6 +62,14 @@ class Delivery:
     # {"new"/"old": captured row} as PostgreSQL's JSON text, for include_row URLs: never parsed,
     # spliced into the POST body as is (calls.row_members).
     row: Any = field(default=None, repr=False)
+    # Receiver protection (migration 0012): the URL's rate limit (enforced by the database, see
+    # daemon_claim_due) and its circuit breaker's settings (the daemon's own copy of the breaker
+    # stops sending the calls it holds after breaker_threshold failures in a row).
+    max_per_second: float | None = None
+    breaker_threshold: int | None = None
+    breaker_cooldown: float | None = None
+    # Not a column: handed out by daemon_claim_due (the database decided it may be sent now).
+    granted: bool = False
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Delivery:
@@ -86,6 +94,12 @@ class Outcome:
     error: str | None = None
     delay: float = 0.0          # seconds until the next attempt (status pending)
     duration_ms: int = 0
+
+    @property
+    def receiver_down(self) -> bool:
+        """A connection failure, a timeout or a 5xx: what the circuit breaker counts."""
+        return bool(self.attempted) and self.status != "delivered" and (
+            self.http_status is None or self.http_status >= 500)
 
 
 def _retry_after(value: str | None, cap: float) -> float | None:
