@@ -212,9 +212,9 @@ SELECT id, object, event, url, state, pending, retrying, in_flight, dead,
  ORDER BY id;
 
 -- name: metrics_urls
--- Per URL queue counts and circuit breaker for the metrics (at most %(limit)s URLs).
+-- Per URL queue counts and circuit breaker for the metrics (cheap view; at most %(limit)s URLs).
 SELECT id, object, event, url, state, pending, retrying, in_flight, dead, breaker
-  FROM crm_bridge.url_status
+  FROM crm_bridge.url_queue
  ORDER BY id
  LIMIT %(limit)s;
 

@@ -67,7 +67,7 @@ CREATE TRIGGER crm_trigger_validate_protect
 
 -- ---------------------------------------------------------------------------------------------
 -- State shared by the daemons, in the URL's url_stat row:
---   tokens, refilled_at   the token bucket of max_per_second (NULL: full)
+--   tokens, refilled_at   the token bucket of max_per_second (NULL: one token)
 --   breaker_state         closed | open | half_open
 --   breaker_since         when it entered that state (NULL: closed since ever)
 --   breaker_failures      connection failures, timeouts and 5xx in a row
@@ -342,7 +342,7 @@ COMMENT ON FUNCTION crm_bridge.daemon_claim(integer, integer, interval, text, bi
 -- this daemon's free slots for it (p_busy_ids / p_busy_free, else max_in_flight / the default),
 -- as before.  A coordinated URL gets at most what
 --   * its token bucket holds (max_per_second: refilled at rate_refill(), at most rate_burst()
---     tokens, full at first),
+--     tokens, one at first),
 --   * max_in_flight minus its calls in flight in any daemon,
 --   * its breaker allows: nothing while open; when the cool-down is over, one probe (the call
 --     that waited longest, due or not) if none is in flight, and the breaker is half open.
@@ -370,6 +370,7 @@ BEGIN
     SELECT t.id FROM crm_bridge.crm_trigger t
      WHERE (t.max_per_second IS NOT NULL OR t.max_in_flight IS NOT NULL)
        AND NOT EXISTS (SELECT 1 FROM crm_bridge.url_stat s WHERE s.trigger_id = t.id)
+     ORDER BY t.id
     ON CONFLICT (trigger_id) DO NOTHING;
 
     -- Coordinated URLs with waiting calls: lock their rows, in id order (no deadlocks).
@@ -390,9 +391,11 @@ BEGIN
                t.max_per_second AS rate, t.breaker_cooldown,
                CASE WHEN t.max_per_second IS NOT NULL THEN
                     least(crm_bridge.rate_burst(t.max_per_second),
+                          -- a new bucket holds one call: the first call goes at once, and the first
+                          -- window is not a full bucket's burst on top of the first requests' latency
                           coalesce(s.tokens + crm_bridge.rate_refill(t.max_per_second)
                                               * greatest(pg_catalog.date_part('epoch', v_at - s.refilled_at), 0),
-                                   crm_bridge.rate_burst(t.max_per_second))) END AS tokens,
+                                   1)) END AS tokens,
                (SELECT pg_catalog.count(*) FROM crm_bridge.queue x
                  WHERE x.trigger_id = s.trigger_id AND x.status = 'in_flight') AS running,
                coalesce(f.free, t.max_in_flight, p_default_limit) AS local_free
@@ -525,6 +528,7 @@ BEGIN
            AS o(trigger_id, status, attempted)
       JOIN crm_bridge.crm_trigger t ON t.id = o.trigger_id
      WHERE o.status = 'delivered' OR (o.status IN ('pending', 'dead') AND o.attempted > 0)
+     ORDER BY o.trigger_id                  -- several new rows: always in the same order
     ON CONFLICT (trigger_id) DO NOTHING;
     FOR r IN
         WITH o AS (
@@ -598,17 +602,47 @@ $$;
 REVOKE ALL ON FUNCTION crm_bridge.note_url_stats_v1(bigint[], text[], integer[], integer[], text[]) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------------
--- url_status: the breaker's state per URL (closed when the URL never failed), since when, and
--- the run of failures that counts towards breaker_threshold.
+-- url_queue and url_status: the breaker's state per URL (closed when the URL never failed) and
+-- since when (url_queue: the daemon's metrics read it); url_status adds the run of failures that
+-- counts towards breaker_threshold.  url_queue as in migration 0010 with two columns at the end.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE VIEW crm_bridge.url_status AS
+DROP VIEW crm_bridge.url_status;
+CREATE OR REPLACE VIEW crm_bridge.url_queue AS
+WITH batched AS (
+    SELECT c.trigger_id, count(*) AS in_flight, min(c.event_created_at) AS oldest_at
+      FROM crm_bridge.batch b CROSS JOIN LATERAL unnest(b.calls) c
+     GROUP BY c.trigger_id
+)
+SELECT t.id, t.object, t.event, crm_bridge.redact_url(t.url) AS url, t.enabled, t.paused,
+       CASE WHEN NOT t.enabled THEN 'disabled' WHEN t.paused THEN 'paused' ELSE 'active' END AS state,
+       p.pending, p.retrying, i.in_flight + coalesce(bt.in_flight, 0) AS in_flight, d.dead,
+       least(p.oldest_at, i.oldest_at, bt.oldest_at)                     AS oldest_pending_at,
+       crm_bridge.age_of(least(p.oldest_at, i.oldest_at, bt.oldest_at)) AS oldest_pending_age,
+       d.last_dead_at,
+       coalesce(us.breaker_state, 'closed') AS breaker, us.breaker_since   -- 0012
+  FROM crm_bridge.crm_trigger t
+  LEFT JOIN batched bt ON bt.trigger_id = t.id
+  LEFT JOIN crm_bridge.url_stat us ON us.trigger_id = t.id                 -- 0012
+ CROSS JOIN LATERAL (
+       SELECT count(*) AS pending, count(*) FILTER (WHERE x.attempts > 0) AS retrying,
+              min(x.event_created_at) AS oldest_at
+         FROM crm_bridge.queue x WHERE x.trigger_id = t.id AND x.status = 'pending') p
+ CROSS JOIN LATERAL (
+       SELECT count(*) AS in_flight, min(x.event_created_at) AS oldest_at
+         FROM crm_bridge.queue x WHERE x.trigger_id = t.id AND x.status = 'in_flight') i
+ CROSS JOIN LATERAL (
+       SELECT count(*) AS dead, max(x.finished_at) AS last_dead_at
+         FROM crm_bridge.queue x WHERE x.trigger_id = t.id AND x.status = 'dead') d;
+COMMENT ON VIEW crm_bridge.url_queue IS
+    'Per configured URL (redacted): pending, retrying, in-flight and dead deliveries, oldest undelivered event, circuit breaker';
+
+CREATE VIEW crm_bridge.url_status AS
 SELECT q.*, s.last_success_at, s.last_failure_at, s.last_failure_status, s.last_failure_error,
-       coalesce(s.breaker_state, 'closed') AS breaker, s.breaker_since,
        coalesce(s.breaker_failures, 0) AS breaker_failures
   FROM crm_bridge.url_queue q
   LEFT JOIN crm_bridge.url_stat s ON s.trigger_id = q.id;
 COMMENT ON VIEW crm_bridge.url_status IS
-    'url_queue plus the last success and the last failed attempt per URL, and its circuit breaker (closed, open, half_open)';
+    'url_queue plus the last success and the last failed attempt per URL, and the run of failures its circuit breaker counts';
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA crm_bridge FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA crm_bridge FROM PUBLIC;
