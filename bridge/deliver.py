@@ -68,8 +68,10 @@ class Delivery:
     max_per_second: float | None = None
     breaker_threshold: int | None = None
     breaker_cooldown: float | None = None
-    # Not a column: handed out by daemon_claim_due (the database decided it may be sent now).
+    # Not columns: handed out by daemon_claim_due (the database decided it may be sent now), and
+    # when (time.monotonic()).
     granted: bool = False
+    granted_at: float = 0.0
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Delivery:

@@ -111,6 +111,11 @@ RATE_TICK_MIN = 0.01
 # ... and for this long after it last got one of them (seconds, at least; 2 / max_per_second for
 # slow limits).
 RATE_KEEP = 2.0
+# A call of a rate-limited URL not sent within this many seconds of being handed out (the daemon
+# was starved of CPU, its event loop held up) goes back to the queue unsent: sent late, it would
+# arrive together with the calls handed out after it and crowd the receiver's second.  Once per
+# call: a daemon that is always that slow still sends.
+RATE_STALE = 0.1
 
 
 def rate_bucket(max_per_second: float) -> tuple[float, float]:
@@ -211,6 +216,7 @@ class Daemon:
         self._url_limit: dict[int, int] = {}
         self._url_slots: dict[int, anyio.CapacityLimiter] = {}
         self._breakers: dict[int, _Breaker] = {}     # see _Breaker
+        self._stale_calls: set[int] = set()           # see RATE_STALE
         self._rate_tick = math.inf      # see RATE_TICK_SHARE
         self._rate_until = 0.0          # monotonic time until which _rate_tick applies
         self._held = 0
@@ -540,6 +546,8 @@ class Daemon:
                 continue
             assert d.trigger_id is not None
             d.granted = granted
+            if granted:
+                d.granted_at = time.monotonic()
             self._held += 1
             if batch is not None:
                 batch.calls[d.id] = d
@@ -617,6 +625,9 @@ class Daemon:
                 if breaker is not None and not d.granted and time.monotonic() < breaker.open_until:
                     # Back to the queue without an attempt: the shared breaker decides when it goes.
                     outcome = Outcome("pending", attempted=0)
+                elif (d.max_per_second and d.granted and time.monotonic() - d.granted_at > RATE_STALE
+                      and self._stale_once(d.id)):
+                    outcome = Outcome("pending", attempted=0)    # see RATE_STALE
                 else:
                     outcome = await attempt(self._client, self.policy, d, self.s)
                     self._note_breaker(d, outcome)
@@ -660,6 +671,16 @@ class Daemon:
             # Deliveries were left waiting for a free slot: this one may now be claimable.
             self._next_due = 0.0
             self._wake.set()
+
+    def _stale_once(self, call_id: int) -> bool:
+        """True the first time a call is found stale (see RATE_STALE)."""
+        if call_id in self._stale_calls:
+            self._stale_calls.discard(call_id)
+            return False
+        if len(self._stale_calls) >= 10000:
+            self._stale_calls.clear()
+        self._stale_calls.add(call_id)
+        return True
 
     def _note_breaker(self, d: Delivery, outcome: Outcome) -> None:
         """This daemon's copy of the URL's breaker (see _Breaker)."""
