@@ -258,3 +258,19 @@ def test_a_breaker_set_to_0_never_opens(db, receiver, daemon):
     assert db.one("SELECT breaker FROM crm_bridge.url_status WHERE id = %s", [tid]) == "closed"
     assert db.one("SELECT count(*) FROM crm_bridge.history WHERE outcome = 'failed'") == 8
     assert "circuit breaker" not in daemon.log
+
+
+def test_switching_the_breaker_off_closes_an_open_one(db, receiver, daemon):
+    tid = db.add_url("customer", "create", receiver.url("/off"), breaker_cooldown="1 hour")
+    db.execute("INSERT INTO crm_bridge.url_stat (trigger_id, breaker_state, breaker_since, breaker_failures) "
+               "VALUES (%s, 'open', now(), 5)", [tid])
+    assert db.one("SELECT breaker FROM crm_bridge.url_status WHERE id = %s", [tid]) == "open"
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('o1', 'x')")
+    db.wait_until("SELECT count(*) FROM crm_bridge.queue WHERE status = 'pending'", expect=1)  # it waits
+    assert receiver.received("/off") == []
+    db.execute("UPDATE crm_bridge.crm_trigger SET breaker_threshold = 0 WHERE id = %s", [tid])
+    assert db.one("SELECT breaker FROM crm_bridge.url_status WHERE id = %s", [tid]) == "closed"
+    receiver.wait_for(1, "/off", timeout=15)
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('o2', 'x')")
+    receiver.wait_for(2, "/off", timeout=15)
+    db.wait_until("SELECT count(*) FROM crm_bridge.history WHERE outcome = 'delivered'", expect=2)

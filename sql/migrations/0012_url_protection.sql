@@ -194,7 +194,7 @@ BEGIN
         SELECT ev.*, t.id AS trigger_id, t.url, t.paused, t.ordered, t.coalesce_edits, t.include_row,
                -- 0012: coordinated URL (rate limit, max_in_flight, breaker not closed)
                (t.max_per_second IS NOT NULL OR t.max_in_flight IS NOT NULL
-                OR coalesce(us.breaker_state, 'closed') <> 'closed') AS coordinated,
+                OR (coalesce(us.breaker_state, 'closed') <> 'closed' AND t.breaker_threshold > 0)) AS coordinated,
                pg_catalog.row_number() OVER (PARTITION BY t.id, ev.record_key ORDER BY ev.id, ev.rec_no) AS n_record,
                pg_catalog.row_number() OVER by_record_event AS n_record_event,
                pg_catalog.last_value(ev.row_data) OVER (by_record_event
@@ -378,7 +378,8 @@ BEGIN
         SELECT s.trigger_id FROM crm_bridge.url_stat s
           JOIN crm_bridge.crm_trigger t ON t.id = s.trigger_id
          WHERE t.enabled AND NOT t.paused
-           AND (t.max_per_second IS NOT NULL OR t.max_in_flight IS NOT NULL OR s.breaker_state <> 'closed')
+           AND (t.max_per_second IS NOT NULL OR t.max_in_flight IS NOT NULL
+                OR (s.breaker_state <> 'closed' AND t.breaker_threshold > 0))
            AND EXISTS (SELECT 1 FROM crm_bridge.queue x WHERE x.trigger_id = t.id AND x.status = 'pending')
          ORDER BY s.trigger_id
            FOR UPDATE OF s) l;
@@ -387,7 +388,8 @@ BEGIN
     -- this one committed.  clock_timestamp(), not now(): the transaction may have waited.
     v_at := pg_catalog.clock_timestamp();
     WITH st AS (
-        SELECT s.trigger_id, s.breaker_state, s.breaker_since, t.max_in_flight,
+        SELECT s.trigger_id, CASE WHEN t.breaker_threshold > 0 THEN s.breaker_state ELSE 'closed' END AS breaker_state,
+               s.breaker_since, t.max_in_flight,
                t.max_per_second AS rate, t.breaker_cooldown,
                CASE WHEN t.max_per_second IS NOT NULL THEN
                     least(crm_bridge.rate_burst(t.max_per_second),
@@ -404,7 +406,8 @@ BEGIN
           LEFT JOIN ROWS FROM (pg_catalog.unnest(p_busy_ids), pg_catalog.unnest(p_busy_free)) AS f(trigger_id, free)
                  ON f.trigger_id = s.trigger_id
          WHERE t.enabled AND NOT t.paused
-           AND (t.max_per_second IS NOT NULL OR t.max_in_flight IS NOT NULL OR s.breaker_state <> 'closed')
+           AND (t.max_per_second IS NOT NULL OR t.max_in_flight IS NOT NULL
+                OR (s.breaker_state <> 'closed' AND t.breaker_threshold > 0))
            AND EXISTS (SELECT 1 FROM crm_bridge.queue x WHERE x.trigger_id = t.id AND x.status = 'pending')
     ), g AS (
         SELECT st.*,
@@ -471,7 +474,8 @@ BEGIN
                                  WHEN gr.trigger_id IS NOT NULL THEN gr.n
                                  -- coordinated but not granted above (its row appeared since): next time
                                  WHEN pt.max_per_second IS NOT NULL OR pt.max_in_flight IS NOT NULL
-                                      OR coalesce(us.breaker_state, 'closed') <> 'closed' THEN 0
+                                      OR (coalesce(us.breaker_state, 'closed') <> 'closed'
+                                          AND pt.breaker_threshold > 0) THEN 0
                                  ELSE least(coalesce(f.free, pt.max_in_flight, p_default_limit), p_batch) END
                              FOR UPDATE SKIP LOCKED) p
                     WHERE pt.enabled AND NOT pt.paused
@@ -554,7 +558,7 @@ BEGIN
             -- the url_stat rows, locked in id order, and what the outcomes make of them
             SELECT s.trigger_id, a.success_at, a.failure_at, a.f_status, a.f_error,
                    CASE WHEN a.answered THEN 0 ELSE s.breaker_failures + a.down END AS failures,
-                   CASE WHEN a.answered THEN 'closed'
+                   CASE WHEN a.answered OR a.breaker_threshold = 0 THEN 'closed'
                         WHEN a.down = 0 THEN s.breaker_state
                         WHEN s.breaker_state = 'half_open' THEN 'open'
                         WHEN s.breaker_state = 'closed' AND a.breaker_threshold > 0
@@ -619,7 +623,8 @@ SELECT t.id, t.object, t.event, crm_bridge.redact_url(t.url) AS url, t.enabled, 
        least(p.oldest_at, i.oldest_at, bt.oldest_at)                     AS oldest_pending_at,
        crm_bridge.age_of(least(p.oldest_at, i.oldest_at, bt.oldest_at)) AS oldest_pending_age,
        d.last_dead_at,
-       coalesce(us.breaker_state, 'closed') AS breaker, us.breaker_since   -- 0012
+       CASE WHEN t.breaker_threshold > 0 THEN coalesce(us.breaker_state, 'closed') ELSE 'closed' END AS breaker,
+       CASE WHEN t.breaker_threshold > 0 THEN us.breaker_since END AS breaker_since      -- 0012
   FROM crm_bridge.crm_trigger t
   LEFT JOIN batched bt ON bt.trigger_id = t.id
   LEFT JOIN crm_bridge.url_stat us ON us.trigger_id = t.id                 -- 0012
