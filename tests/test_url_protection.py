@@ -274,3 +274,21 @@ def test_switching_the_breaker_off_closes_an_open_one(db, receiver, daemon):
     db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('o2', 'x')")
     receiver.wait_for(2, "/off", timeout=15)
     db.wait_until("SELECT count(*) FROM crm_bridge.history WHERE outcome = 'delivered'", expect=2)
+
+
+def test_a_probe_lost_with_its_daemon_is_sent_again_by_another(db, receiver, daemon_factory):
+    receiver.answer("/p", Rule(status=503))
+    tid = db.add_url("customer", "create", receiver.url("/p"), breaker_threshold=2, breaker_cooldown="1 second",
+                     max_attempts=100, retry_schedule=["1 second"])
+    first = daemon_factory(env={"CRM_BRIDGE_LEASE": "2", "CRM_BRIDGE_TIMEOUT": "60"})
+    db.execute("INSERT INTO crm.customer (account_id, name) SELECT 'p-' || g, 'x' FROM generate_series(1, 20) g")
+    db.wait_until("SELECT breaker FROM crm_bridge.url_status WHERE id = %s", [tid], expect="open")
+    receiver.answer("/p", Rule(delay=60))          # the probe hangs ...
+    db.wait_until("SELECT breaker FROM crm_bridge.url_status WHERE id = %s", [tid], expect="half_open")
+    db.wait_until("SELECT count(*) FROM crm_bridge.queue WHERE status = 'in_flight'", expect=1)
+    first.kill()                                   # ... and its daemon dies
+    receiver.clear_rules()
+    daemon_factory(env={"CRM_BRIDGE_LEASE": "2"})
+    # The lease expires, the probe is pending again, another daemon sends it: closed, all delivered.
+    db.wait_until("SELECT count(*) FROM crm_bridge.history WHERE outcome = 'delivered'", expect=20, timeout=30)
+    assert db.one("SELECT breaker FROM crm_bridge.url_status WHERE id = %s", [tid]) == "closed"
