@@ -30,8 +30,8 @@ PGUSER, PGPASSFILE, …) and defaults.  A DSN is a libpq connection string
 """
 
 STATUS_EXIT = """\
-exit status: 0 all well; 1 attention needed (dead letters, or a change waiting longer than
---max-age to be delivered); 2 no answer (cannot connect, crm_bridge not installed or too old,
+exit status: 0 all well; 1 attention needed (dead letters, a URL's circuit breaker open, or a
+change waiting longer than --max-age to be delivered); 2 no answer (cannot connect, crm_bridge not installed or too old,
 permission denied, invalid settings).
 """
 

@@ -77,6 +77,16 @@ class Delivery:
     row: Any = field(default=None, repr=False)
     # Calls per request for a POST URL (migration 0013); NULL or 1: one call per request.
     batch_max: int | None = None
+    # Receiver protection (migration 0015): the URL's rate limit (enforced by the database, see
+    # daemon_claim_due) and its circuit breaker's settings (the daemon's own copy of the breaker
+    # stops sending the calls it holds after breaker_threshold failures in a row).
+    max_per_second: float | None = None
+    breaker_threshold: int | None = None
+    breaker_cooldown: float | None = None
+    # Not columns: handed out by daemon_claim_due (the database decided it may be sent now), and
+    # when (time.monotonic()).
+    granted: bool = False
+    granted_at: float = 0.0
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Delivery:
@@ -101,6 +111,12 @@ class Outcome:
     error: str | None = None
     delay: float = 0.0          # seconds until the next attempt (status pending)
     duration_ms: int = 0
+
+    @property
+    def receiver_down(self) -> bool:
+        """A connection failure, a timeout or a 5xx: what the circuit breaker counts."""
+        return bool(self.attempted) and self.status != "delivered" and (
+            self.http_status is None or self.http_status >= 500)
 
 
 def _retry_after(value: str | None, cap: float) -> float | None:

@@ -101,7 +101,44 @@ class Stats:
 
 # The columns of a claimed row that are the URL's settings rather than the call's.
 URL_SETTINGS = ("url", "timeout_ms", "max_attempts", "retry_schedule", "max_in_flight", "id_params", "method",
-                "headers", "follow_redirects", "signing_secret", "batch_max")
+                "headers", "follow_redirects", "signing_secret", "batch_max",
+                "max_per_second", "breaker_threshold", "breaker_cooldown")   # migration 0015
+
+# A rate-limited URL (crm_trigger.max_per_second) gets its calls from daemon_claim_due, as its
+# token bucket refills: while it has calls waiting, the daemon claims due calls every
+# RATE_TICK_SHARE of the time the bucket takes to fill (at least RATE_TICK_MIN seconds), so that
+# tokens are used as they come rather than piling up to a burst.
+RATE_TICK_SHARE = 0.5
+RATE_TICK_MIN = 0.01
+# ... and for this long after it last got one of them (seconds, at least; 2 / max_per_second for
+# slow limits).
+RATE_KEEP = 2.0
+# A call of a rate-limited URL not sent within this many seconds of being handed out (the daemon
+# was starved of CPU, its event loop held up) goes back to the queue unsent: sent late, it would
+# arrive together with the calls handed out after it and crowd the receiver's second.  Once per
+# call: a daemon that is always that slow still sends.
+RATE_STALE = 0.1
+
+
+def rate_bucket(max_per_second: float) -> tuple[float, float]:
+    """The token bucket of a max_per_second: (size, refill rate per second), as
+    crm_bridge.rate_burst() and crm_bridge.rate_refill() (migration 0015) compute them."""
+    burst = max(1.0, float(math.ceil(max_per_second / 10)))
+    if max_per_second < 1:
+        return burst, max_per_second
+    return burst, min(max_per_second, math.floor(max_per_second) + 1 - burst - 0.001)
+
+
+@dataclass
+class _Breaker:
+    """This daemon's own view of a URL's circuit breaker: after breaker_threshold connection
+    failures, timeouts or 5xx in a row it stops sending the calls of that URL it holds (they go
+    back to the queue without an attempt) for breaker_cooldown seconds.  The shared breaker is
+    in the database (url_stat, see migration 0015): this only keeps a batch that was claimed
+    before the receiver went down from being sent call after call."""
+
+    failures: int = 0
+    open_until: float = 0.0
 
 
 @dataclass(eq=False)
@@ -143,6 +180,23 @@ async def _configure_connection(conn: psycopg.AsyncConnection) -> None:
     # per claim (measured): their generic plans are as good, whatever the batch size.
     await conn.execute("SET jit = off")
     await conn.execute("SET plan_cache_mode = force_generic_plan")
+    conn.add_notice_handler(_log_breaker_notice)
+
+
+# Migration 0015 RAISEs a NOTICE for every transition of a URL's circuit breaker, to the daemon
+# whose statement made it: logged here, so each transition is logged once, by one daemon.
+BREAKER_NOTICE = "crm-bridge breaker: "
+
+
+def _log_breaker_notice(diag: psycopg.errors.Diagnostic) -> None:
+    text = diag.message_primary or ""
+    if not text.startswith(BREAKER_NOTICE):
+        return
+    text = safe_text(scrub(text[len(BREAKER_NOTICE):]), MAX_REASON_LEN)
+    if diag.message_detail == "open":
+        log.warning("circuit breaker: %s", text)
+    else:
+        log.info("circuit breaker: %s", text)
 
 
 class Daemon:
@@ -163,6 +217,10 @@ class Daemon:
         self._url_held: dict[int, int] = {}     # calls of a URL running or waiting for a slot
         self._url_limit: dict[int, int] = {}
         self._url_slots: dict[int, anyio.CapacityLimiter] = {}
+        self._breakers: dict[int, _Breaker] = {}     # see _Breaker
+        self._stale_calls: set[int] = set()           # see RATE_STALE
+        self._rate_tick = math.inf      # see RATE_TICK_SHARE
+        self._rate_until = 0.0          # monotonic time until which _rate_tick applies
         self._held = 0
         self._held_ids: set[int] = set()        # calls held one by one (queue rows of this worker)
         self._batches: dict[int, _Batch] = {}   # batches held, by id
@@ -446,17 +504,35 @@ class Daemon:
                     await cur.execute(Q.claim_due, params)
                     due = await cur.fetchall()
                     due.sort(key=lambda r: r["id"])   # batches are made in call id order (see _spawn)
-                    await self._spawn(conn, tg, due)
+                    self._note_rate_limits(due)
+                    await self._spawn(conn, tg, due, granted=True)
                     self._waiting_hint = bool(due or pending)
                     if len(due) >= params["batch"]:
                         self._next_due = 0.0  # a full batch: there is probably more
+                if time.monotonic() < self._rate_until:
+                    # A rate-limited URL had calls handed out lately: come back as its tokens refill.
+                    self._next_due = min(self._next_due, time.monotonic() + self._rate_tick)
         self._linger = LINGER_FROM <= events < self.s.batch_size // 4
         if events or due:
             log.debug("claimed %d events (%d deliveries now, %d waiting) and %d due deliveries; holding %d",
                       events, len(rows), pending, len(due), self._held)
         return bool(events or due)
 
-    async def _spawn(self, conn: psycopg.AsyncConnection, tg: TaskGroup, rows: list[dict]) -> None:
+    def _note_rate_limits(self, rows: list[dict]) -> None:
+        """Rate-limited URLs among calls claim_due handed out: claim again soon (see RATE_TICK_SHARE)."""
+        rates = [r["max_per_second"] for r in rows if r.get("max_per_second")]
+        if not rates:
+            if time.monotonic() >= self._rate_until:
+                self._rate_tick = math.inf
+            return
+        rate = min(rates)
+        burst, refill = rate_bucket(rate)
+        tick = max(RATE_TICK_SHARE * burst / refill, RATE_TICK_MIN)
+        self._rate_tick = min(tick, self.s.poll_interval)
+        self._rate_until = time.monotonic() + max(RATE_KEEP, 2.0 / rate)
+
+    async def _spawn(self, conn: psycopg.AsyncConnection, tg: TaskGroup, rows: list[dict],
+                     *, granted: bool = False) -> None:
         """Hand every claimed call to a sender, starting one when none is free.  A row that cannot
         become a Delivery (whatever a CRM writer or an admin put in it) is a dead letter with the
         reason; the others go ahead.  Calls of a batch are tracked with it (recorded together,
@@ -488,6 +564,9 @@ class Daemon:
                 await self._dead_letter_claimed(conn, row.get("id"), f"{type(exc).__name__}: {exc}", batch)
                 continue
             assert d.trigger_id is not None
+            d.granted = granted
+            if granted:
+                d.granted_at = time.monotonic()
             self._held += 1
             if batch is not None:
                 batch.calls[d.id] = d
@@ -581,7 +660,16 @@ class Daemon:
         assert self._client is not None and d.trigger_id is not None
         try:
             async with self._url_slots[d.trigger_id]:   # the URL's max_in_flight
-                outcome = await attempt(self._client, self.policy, d, self.s)
+                breaker = self._breakers.get(d.trigger_id)
+                if breaker is not None and not d.granted and time.monotonic() < breaker.open_until:
+                    # Back to the queue without an attempt: the shared breaker decides when it goes.
+                    outcome = Outcome("pending", attempted=0)
+                elif (d.max_per_second and d.granted and time.monotonic() - d.granted_at > RATE_STALE
+                      and self._stale_once(d.id)):
+                    outcome = Outcome("pending", attempted=0)    # see RATE_STALE
+                else:
+                    outcome = await attempt(self._client, self.policy, d, self.s)
+                    self._note_breaker(d, outcome)
         except Exception as exc:  # attempt() never raises; if it ever did, one dead letter, not a dead daemon
             outcome = Outcome("dead", error=safe_text(scrub(f"unexpected error: {type(exc).__name__}: {exc}",
                                                             call_secrets(d)), MAX_REASON_LEN))
@@ -594,7 +682,14 @@ class Daemon:
         assert self._client is not None and ds[0].trigger_id is not None
         try:
             async with self._url_slots[ds[0].trigger_id]:   # one request: one of the URL's slots
-                outcomes = await attempt_batch(self._client, self.policy, ds, self.s)
+                breaker = self._breakers.get(ds[0].trigger_id)
+                if (breaker is not None and not any(d.granted for d in ds)
+                        and time.monotonic() < breaker.open_until):
+                    # Back to the queue without an attempt: the shared breaker decides (0015).
+                    outcomes = [Outcome("pending", attempted=0) for _ in ds]
+                else:
+                    outcomes = await attempt_batch(self._client, self.policy, ds, self.s)
+                    self._note_breaker(ds[0], outcomes[0])   # one request: one answer (0015)
         except Exception as exc:  # attempt_batch() never raises; if it ever did, dead letters, not a dead daemon
             outcomes = [Outcome("dead", error=safe_text(scrub(f"unexpected error: {type(exc).__name__}: {exc}",
                                                               call_secrets(ds[0])), MAX_REASON_LEN)) for _ in ds]
@@ -602,6 +697,8 @@ class Daemon:
         for d, outcome in zip(ds, outcomes, strict=True):
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
             self._finish(d, outcome, quiet=outcome.status != "dead")   # each dead letter is logged
+        if not any(o.attempted for o in outcomes):
+            return   # handed back unsent (circuit breaker): nothing happened to log
         failed = next((o for o in outcomes if o.status != "delivered"), None)
         key = batch_key([d.id for d in ds])
         if failed is None:
@@ -628,7 +725,7 @@ class Daemon:
             self.stats.dead += 1
             if not quiet:
                 log.warning("delivery %d (%s/%s) is dead: %s", d.id, d.object, d.event, outcome.error)
-        else:
+        elif outcome.attempted:
             self.stats.failed_attempts += 1
             if not quiet:
                 log.info("delivery %d (%s/%s) attempt %d failed, retry in %.1f s: %s", d.id, d.object,
@@ -657,6 +754,30 @@ class Daemon:
             # Deliveries were left waiting for a free slot: this one may now be claimable.
             self._next_due = 0.0
             self._wake.set()
+
+    def _stale_once(self, call_id: int) -> bool:
+        """True the first time a call is found stale (see RATE_STALE)."""
+        if call_id in self._stale_calls:
+            self._stale_calls.discard(call_id)
+            return False
+        if len(self._stale_calls) >= 10000:
+            self._stale_calls.clear()
+        self._stale_calls.add(call_id)
+        return True
+
+    def _note_breaker(self, d: Delivery, outcome: Outcome) -> None:
+        """This daemon's copy of the URL's breaker (see _Breaker)."""
+        assert d.trigger_id is not None
+        if outcome.receiver_down:
+            breaker = self._breakers.setdefault(d.trigger_id, _Breaker())
+            breaker.failures += 1
+            threshold = 5 if d.breaker_threshold is None else d.breaker_threshold
+            if threshold and breaker.failures >= threshold and time.monotonic() >= breaker.open_until:
+                breaker.open_until = time.monotonic() + (d.breaker_cooldown or 30.0)
+                log.debug("URL %d: %d failures in a row; calls of it this daemon holds go back to the queue",
+                          d.trigger_id, breaker.failures)
+        elif outcome.attempted:
+            self._breakers.pop(d.trigger_id, None)
 
     # -- outcomes ---------------------------------------------------------------------------
     async def _flusher(self) -> None:

@@ -233,13 +233,18 @@ class _StateCollector:
                                            labels=["trigger_id"]),
             "dead": GaugeMetricFamily("crm_bridge_url_dead_letters", "Dead letters per URL", labels=["trigger_id"]),
         }
+        breaker = GaugeMetricFamily("crm_bridge_url_breaker_open",
+                                    "1 while the URL's circuit breaker is open or half open (no calls but a "
+                                    "probe), 0 when closed", labels=["trigger_id"])
         info = GaugeMetricFamily("crm_bridge_url_info", "Configured URLs (crm_trigger), URL redacted",
                                  labels=["trigger_id", "object", "event", "url", "state"])
         for row in snap.urls[:MAX_URL_LABELS]:
             tid = str(row["id"])
             for key, family in per_url.items():
                 family.add_metric([tid], float(row[key]))
+            breaker.add_metric([tid], 0.0 if row.get("breaker", "closed") == "closed" else 1.0)
             info.add_metric([tid, *(safe_text(str(v), 2000) for v in (row["object"], row["event"],
                                                                        redact_url(row["url"]), row["state"]))], 1.0)
         yield from per_url.values()
+        yield breaker
         yield info

@@ -65,6 +65,10 @@ def attention(data: dict[str, Any], max_age: float) -> list[str]:
     problems = []
     if s["dead"]:
         problems.append(f"{s['dead']} dead letter(s): see `crm-bridge replay --dry-run`")
+    broken = [u for u in data.get("urls", ()) if (u.get("breaker") or "closed") != "closed"]
+    if broken:
+        problems.append("circuit breaker open for URL " + ", ".join(f"#{u['id']}" for u in broken)
+                        + ": its calls wait until the receiver answers again")
     age = s["oldest_pending_age"]
     if age is not None and age > max_age:
         problems.append(f"the oldest undelivered change is {format_age(age)} old (more than {format_age(max_age)})"
@@ -125,11 +129,14 @@ def render_text(data: dict[str, Any]) -> str:
         failure = ago(u["last_failure_at"])
         if u["last_failure_at"] is not None and u["last_failure_status"] is not None:
             failure += f" (HTTP {u['last_failure_status']})"
-        rows.append((u["id"], f"{u['object']}/{u['event']}", u["state"], u["pending"], u["retrying"],
+        breaker = (u.get("breaker") or "closed").replace("_", "-")
+        if breaker != "closed" and u.get("breaker_since") is not None:
+            breaker += f" {format_age(max((now - u['breaker_since']).total_seconds(), 0.0))}"
+        rows.append((u["id"], f"{u['object']}/{u['event']}", u["state"], breaker, u["pending"], u["retrying"],
                      u["in_flight"], u["dead"], format_age(u["oldest_pending_age"]), ago(u["last_success_at"]),
                      failure, u["url"]))
-    lines += _table(["ID", "OBJECT/EVENT", "STATE", "PENDING", "RETRYING", "IN-FLIGHT", "DEAD", "OLDEST",
-                     "LAST SUCCESS", "LAST FAILURE", "URL"], rows, right={0, 3, 4, 5, 6})
+    lines += _table(["ID", "OBJECT/EVENT", "STATE", "BREAKER", "PENDING", "RETRYING", "IN-FLIGHT", "DEAD", "OLDEST",
+                     "LAST SUCCESS", "LAST FAILURE", "URL"], rows, right={0, 4, 5, 6, 7})
     failing = [u for u in data["urls"] if u["last_failure_error"]]
     if failing:
         lines += ["", "last failure per URL:"]

@@ -211,7 +211,8 @@ SELECT object, event, events, oldest_at, extract(epoch FROM oldest_age)::float8 
 -- Per URL: queue counts, oldest pending, last success and last failure.
 SELECT id, object, event, url, state, pending, retrying, in_flight, dead,
        oldest_pending_at, extract(epoch FROM oldest_pending_age)::float8 AS oldest_pending_age,
-       last_dead_at, last_success_at, last_failure_at, last_failure_status, last_failure_error
+       last_dead_at, last_success_at, last_failure_at, last_failure_status, last_failure_error,
+       breaker, breaker_since, breaker_failures
   FROM crm_bridge.url_status
  ORDER BY id;
 
@@ -221,8 +222,8 @@ SELECT (SELECT max(version) FROM crm_bridge.schema_version) AS schema_version,
        pg_notification_queue_usage() AS notify_queue_usage;
 
 -- name: metrics_urls
--- Per URL queue counts for the metrics (cheap view; at most %(limit)s URLs).
-SELECT id, object, event, url, state, pending, retrying, in_flight, dead
+-- Per URL queue counts and circuit breaker for the metrics (cheap view; at most %(limit)s URLs).
+SELECT id, object, event, url, state, pending, retrying, in_flight, dead, breaker
   FROM crm_bridge.url_queue
  ORDER BY id
  LIMIT %(limit)s;

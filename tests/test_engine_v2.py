@@ -74,7 +74,9 @@ def test_a_slow_receiver_does_not_keep_the_other_calls_of_its_batch_unrecorded(d
     assert db.one("SELECT count(*) FROM crm_bridge.queue") == 0
 
 
-def test_a_per_url_limit_holds_calls_in_the_daemon_not_in_the_queue(db, receiver, daemon):
+def test_a_per_url_limit_holds_with_its_calls_handed_out_from_the_queue(db, receiver, daemon):
+    """Since migration 0015 a URL with max_in_flight is coordinated in the database (its calls go
+    through the queue, daemon_claim_due grants them): tests/test_url_protection.py has several daemons."""
     receiver.answer("/one", Rule(delay=0.05))
     db.add_url("customer", "create", receiver.url("/one"), max_in_flight=1)
     db.execute("INSERT INTO crm.customer (account_id, name) SELECT 'l-' || g, 'x' FROM generate_series(1, 30) g")

@@ -109,7 +109,9 @@ def test_two_daemons_share_a_burst_without_duplicates(db, receiver, daemon_facto
 # -- receivers misbehaving --------------------------------------------------------------------
 def test_receiver_down_then_up_gets_everything(db, daemon_factory):
     port = free_port()
-    db.add_url("customer", "create", f"http://127.0.0.1:{port}/late")
+    # Retries only: with the circuit breaker (on by default) the URL would wait out its cool-down
+    # after 5 failures (tests/test_url_protection.py has the breaker's version of this test).
+    db.add_url("customer", "create", f"http://127.0.0.1:{port}/late", breaker_threshold=0)
     daemon_factory(env={"CRM_BRIDGE_RETRY_SCHEDULE": "0.2", "CRM_BRIDGE_MAX_ATTEMPTS": "100"})
     write_customers(db.dsn, 0, 5)
     db.wait_until("SELECT bool_and(attempts >= 2) FROM crm_bridge.delivery", timeout=30)

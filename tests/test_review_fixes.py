@@ -232,7 +232,8 @@ def test_status_views_keep_their_columns(db):
     assert [c for (c,) in db.all("SELECT attname FROM pg_attribute WHERE attrelid = 'crm_bridge.url_queue'::regclass "
                                  "AND attnum > 0 ORDER BY attnum")] == [
         "id", "object", "event", "url", "enabled", "paused", "state", "pending", "retrying", "in_flight", "dead",
-        "oldest_pending_at", "oldest_pending_age", "last_dead_at"]
+        "oldest_pending_at", "oldest_pending_age", "last_dead_at",
+        "breaker", "breaker_since"]                      # migration 0015: added at the end
 
 
 AGREE = [

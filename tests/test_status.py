@@ -89,12 +89,12 @@ def test_status_table_for_people(db, busy_queue):
     assert "deliveries: 1 pending (0 retrying), 0 in flight, 1 dead" in out
     lines = out.splitlines()
     header = next(line for line in lines if "OBJECT/EVENT" in line)
-    assert header.split() == ["ID", "OBJECT/EVENT", "STATE", "PENDING", "RETRYING", "IN-FLIGHT", "DEAD",
+    assert header.split() == ["ID", "OBJECT/EVENT", "STATE", "BREAKER", "PENDING", "RETRYING", "IN-FLIGHT", "DEAD",
                               "OLDEST", "LAST", "SUCCESS", "LAST", "FAILURE", "URL"]
     bad = next(line for line in lines if line.split()[:1] == [str(busy_queue["bad"])])
     assert "customer/create" in bad and "(HTTP 500)" in bad and "token=***" in bad
     paused = next(line for line in lines if line.split()[:1] == [str(busy_queue["paused"])])
-    assert paused.split()[1:4] == ["case/create", "paused", "1"] and "bob:***@" in paused
+    assert paused.split()[1:5] == ["case/create", "paused", "closed", "1"] and "bob:***@" in paused
     assert f"#{busy_queue['bad']} " in out.split("last failure per URL:")[1]
 
 
