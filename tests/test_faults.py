@@ -187,7 +187,7 @@ def test_a_slow_url_does_not_hold_up_the_others(db, receiver, daemon):
     slow_done = len(receiver.received("/slow"))
     assert slow_done <= 4
     # The slow URL's calls are handed out from the queue (a URL with max_in_flight is coordinated
-    # in the database, migration 0012), at most max_in_flight at a time.
+    # in the database, migration 0015), at most max_in_flight at a time.
     receiver.wait_for(2, "/slow", attempts=True, timeout=10)
     assert receiver.max_concurrent("/slow") == 2
 
