@@ -146,7 +146,11 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, crm_bridge, pg_temp
 AS $fn$
+DECLARE
+    v_open bigint[];   -- 0012: URLs whose circuit breaker is not closed (few, usually none)
 BEGIN
+    SELECT pg_catalog.array_agg(s.trigger_id) INTO v_open
+      FROM crm_bridge.url_stat s WHERE s.breaker_state <> 'closed';
     RETURN QUERY
     WITH small AS (
         SELECT e.id FROM crm_bridge.event e
@@ -194,7 +198,7 @@ BEGIN
         SELECT ev.*, t.id AS trigger_id, t.url, t.paused, t.ordered, t.coalesce_edits, t.include_row,
                -- 0012: coordinated URL (rate limit, max_in_flight, breaker not closed)
                (t.max_per_second IS NOT NULL OR t.max_in_flight IS NOT NULL
-                OR (coalesce(us.breaker_state, 'closed') <> 'closed' AND t.breaker_threshold > 0)) AS coordinated,
+                OR (t.id = ANY (v_open) AND t.breaker_threshold > 0)) AS coordinated,
                pg_catalog.row_number() OVER (PARTITION BY t.id, ev.record_key ORDER BY ev.id, ev.rec_no) AS n_record,
                pg_catalog.row_number() OVER by_record_event AS n_record_event,
                pg_catalog.last_value(ev.row_data) OVER (by_record_event
@@ -205,7 +209,6 @@ BEGIN
                 AND (ev.origin_role IS NULL OR t.exclude_roles IS NULL OR NOT ev.origin_role = ANY (t.exclude_roles))
                 AND (ev.origin IS NULL OR t.exclude_origins IS NULL OR NOT ev.origin = ANY (t.exclude_origins))
                 AND (t.only_columns IS NULL OR ev.changed IS NULL OR ev.changed && t.only_columns)
-          LEFT JOIN crm_bridge.url_stat us ON us.trigger_id = t.id   -- 0012
         WINDOW by_record_event AS (PARTITION BY t.id, ev.record_key, ev.event ORDER BY ev.id, ev.rec_no)
     ), decided AS (
         SELECT r.*,
