@@ -307,3 +307,38 @@ SELECT a.table_name::text AS table_name, a.object, g.tgname AS trigger_name,
     OR (g.tgname IN ('crm_bridge_emit_create', 'crm_bridge_emit_delete')
         AND (c.relkind = 'p' OR c.relispartition) AND g.tgtype::integer & 1 = 0)
  ORDER BY 1, 3;
+
+-- Schema versions and roles (bridge/migrate.py, bridge/roles.py).
+
+-- name: relation_exists
+-- Whether a table or view of crm_bridge exists yet (a database older than it has none).
+SELECT pg_catalog.to_regclass(%(name)s) IS NOT NULL;
+
+-- name: schema_bootstrap
+-- The schema and its version table, before any migration runs.
+CREATE SCHEMA IF NOT EXISTS crm_bridge;
+CREATE TABLE IF NOT EXISTS crm_bridge.schema_version (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migrate_lock
+-- Serialises concurrent `crm-bridge migrate` runs (until the transaction ends).
+SELECT pg_catalog.pg_advisory_xact_lock(%(key)s, %(sub)s);
+
+-- name: schema_versions
+-- The migrations applied so far.
+SELECT version FROM crm_bridge.schema_version;
+
+-- name: schema_version_record
+-- Record one applied migration.
+INSERT INTO crm_bridge.schema_version (version, name) VALUES (%(version)s, %(name)s);
+
+-- name: role_names
+-- The roles crm_bridge.apply_grants() last set up: (kind, role) rows.
+SELECT kind, role FROM crm_bridge.role_name;
+
+-- name: role_grants
+-- Create the NOLOGIN group roles if missing and (re)grant their privileges.
+SELECT crm_bridge.apply_grants(%(admin)s, %(daemon)s, %(monitor)s);

@@ -12,8 +12,8 @@ import socket
 import psycopg
 import pytest
 
+from bridge.devtools.receiver import Rule
 from bridge.dispatch import Daemon
-from bridge.receiver import Rule
 from bridge.settings import Settings
 
 

@@ -10,10 +10,10 @@ import time
 
 import psycopg
 import pytest
-from conftest import install_schema_up_to
+from fixtures.databases import install_schema_up_to
 
-from bridge.db import migrate
-from bridge.receiver import Rule
+from bridge.devtools.receiver import Rule
+from bridge.migrate import migrate
 
 
 def cli(dsn: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

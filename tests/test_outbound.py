@@ -9,8 +9,8 @@ import sys
 import pytest
 from psycopg.types.json import Jsonb
 
+from bridge.devtools.receiver import Receiver, Rule
 from bridge.http import AddressRefused, policy_from
-from bridge.receiver import Receiver, Rule
 
 DENY_LOOPBACK = {"CRM_BRIDGE_DENY_CIDRS": "127.0.0.0/8,::1/128"}
 

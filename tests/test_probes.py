@@ -9,8 +9,8 @@ import urllib.request
 import psycopg
 from test_metrics import FAST_STATUS, metrics_url
 
-from bridge.db import latest_version, migrate
-from bridge.pgserver import TempPostgres
+from bridge.devtools.pgserver import TempPostgres
+from bridge.migrate import latest_version, migrate
 
 
 def probe(url: str) -> tuple[int, str]:

@@ -13,7 +13,7 @@ import pytest
 from psycopg import errors
 from test_metrics import FAST_STATUS, metrics_url, scrape_until
 
-from bridge.receiver import Rule
+from bridge.devtools.receiver import Rule
 
 
 def cli(dsn: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

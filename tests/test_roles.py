@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from bridge.receiver import Rule
+from bridge.devtools.receiver import Rule
 
 BRIDGE_TABLES = ["crm_trigger", "object_type", "event", "delivery", "attempt", "attachment",
                  "signing_secret", "schema_version", "role_name"]
