@@ -18,8 +18,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from bridge.db import migrate
-from bridge.pgserver import PostgresNotFound, TempPostgres, find_bindir
+from bridge.devtools.pgserver import PostgresNotFound, TempPostgres, find_bindir
+from bridge.migrate import migrate
 
 from . import procstat
 from .sqlq import BQ, variants_sql

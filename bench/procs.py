@@ -6,32 +6,19 @@ bounded wait), so a failing or interrupted bench leaves nothing running.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import os
 import select
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from bridge.devtools import daemonproc
 
 from . import procstat
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
-    """SIGTERM, wait up to ``timeout``, then SIGKILL.  Returns the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    return proc.returncode
 
 
 class ReceiverProcess:
@@ -105,7 +92,7 @@ class ReceiverProcess:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _terminate(self.proc, 10)
+            daemonproc.terminate(self.proc, 10)
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
 
@@ -116,83 +103,23 @@ class ReceiverProcess:
         self.stop()
 
 
-class DaemonProcess:
-    """The real daemon, `python -m bridge.cli --dsn DSN run`, with its log in a file."""
+class DaemonProcess(daemonproc.DaemonProcess):
+    """The real daemon (bridge.devtools.daemonproc) with production defaults: no CRM_BRIDGE_* of
+    the caller's and no settings file (/etc/crm-bridge/crm-bridge.toml on a machine that has
+    one); only what ``env`` sets.  Its log is in ``workdir``; ``source`` is the tree whose
+    bridge/ runs (bench.profile_calls --compare)."""
+
+    raise_if_stuck = False           # stop() on the way out ends the process, it does not fail
 
     def __init__(self, dsn: str, workdir: Path, env: dict[str, str] | None = None, *,
                  source: Path = REPO) -> None:
-        self.dsn = dsn
-        self.source = source         # the tree whose bridge/ runs (bench.profile_calls --compare)
-        # Production defaults: no CRM_BRIDGE_* of the caller's and no settings file
-        # (/etc/crm-bridge/crm-bridge.toml on a machine that has one); only what ``env`` sets.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("CRM_BRIDGE_")}
-        self.env = {**inherited, "CRM_BRIDGE_CONFIG": "", "CRM_BRIDGE_LOG_LEVEL": "INFO", **(env or {})}
-        self.ready_at = 0.0          # time.time() when its "ready" line was seen
-        fd, name = tempfile.mkstemp(prefix="daemon-", suffix=".log", dir=workdir)
-        os.close(fd)
-        self.log_path = Path(name)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._offset = 0
-
-    def start(self, timeout: float = 30.0) -> DaemonProcess:
-        self.spawn()
-        return self.wait_ready(timeout)
-
-    def spawn(self) -> None:
-        """Start the process without waiting for it (several daemons start side by side)."""
-        self._offset = self.log_path.stat().st_size
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self._command(),
-                cwd=self.source, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 30.0) -> DaemonProcess:
-        """Wait for the daemon's "ready" log line; ``ready_at`` is when it was seen (within 20 ms):
-        from then on the daemon works, so end-to-end rates are counted from it."""
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while "ready: listening" not in self.log_path.read_text(errors="replace")[self._offset:]:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}; see {self.log_path}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"daemon not ready after {timeout:g} s; see {self.log_path}")
-            time.sleep(0.02)
-        self.ready_at = time.time()
-        return self
-
-    def _command(self) -> list[str]:
-        return [sys.executable, "-m", "bridge.cli", "--dsn", self.dsn, "run"]
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        super().__init__(dsn, cwd=source, log_dir=workdir,
+                         env={**inherited, "CRM_BRIDGE_CONFIG": "", "CRM_BRIDGE_LOG_LEVEL": "INFO", **(env or {})})
+        self.source = source
 
     def cpu_seconds(self) -> float | None:
         return procstat.cpu_seconds(self.pid)
 
     def peak_rss_mb(self) -> float | None:
         return procstat.vm_hwm_mb(self.pid)
-
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc is None:
-            return None
-        code = _terminate(self.proc, timeout)
-        self.proc = None
-        return code
-
-    def __enter__(self) -> DaemonProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

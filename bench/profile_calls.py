@@ -35,7 +35,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from bridge.pgserver import TempPostgres
+from bridge.devtools.pgserver import TempPostgres
 
 from . import procstat
 from . import variants as V
@@ -165,9 +165,9 @@ class ProfiledDaemon(DaemonProcess):
             raise SystemExit("--profile needs py-spy (pip install py-spy)")
         self.spy = spy
 
-    def _command(self) -> list[str]:
+    def command(self) -> list[str]:
         return [self.spy, "record", "--format", "raw", "--function", "-r", str(SAMPLE_RATE),
-                "-o", str(self.out), "--", *super()._command()]
+                "-o", str(self.out), "--", *super().command()]
 
     @property
     def pid(self) -> int:  # the daemon, not py-spy

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg.rows import dict_row
 
-from .db import applied_versions
 from .http import AddressRefused, settings_policy
+from .migrate import applied_versions
 from .redact import redact_url, safe_text
 from .settings import Settings
 from .sqlfiles import Q, migrations

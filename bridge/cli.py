@@ -129,7 +129,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .db import installed_version, latest_version, migrate
+    from .migrate import installed_version, latest_version, migrate
     from .roles import RoleNames, after_migrate
 
     dsn = _settings_from(args).dsn
@@ -183,7 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .devtools.demo import run_demo
 
     return run_demo()
 

@@ -19,6 +19,7 @@ from psycopg.types.json import Jsonb
 
 from .redact import redact_url, safe_text, scrub
 from .sqlfiles import Q
+from .status import _table
 
 BATCH = 1000
 SAMPLE = 20
@@ -195,11 +196,8 @@ def _why_nothing(conn: psycopg.Connection, filters: dict[str, Any], action: str)
 
 
 def _print_sample(conn: psycopg.Connection, filters: dict[str, Any], action: str, total: int) -> None:
-    from .status import _table
-
     cur = conn.cursor(row_factory=dict_row)
-    query = Q.pending_sample if action == "retry-now" else Q.dead_letter_sample
-    rows = cur.execute(query, {**filters, "limit": SAMPLE}).fetchall()
+    rows = cur.execute(Q.call_sample, {**filters, "dead": action != "retry-now", "limit": SAMPLE}).fetchall()
     now = datetime.now(UTC)
     table = []
     for r in rows:
@@ -266,8 +264,6 @@ def run_delivered(args: argparse.Namespace, dsn: str) -> int:
 def run_record(args: argparse.Namespace, dsn: str) -> int:
     """replay --record NAME=ID …: the dead (with --delivered, also the delivered) calls of one record,
     queued again in call order by crm_bridge.replay_record in one transaction; --dry-run lists them."""
-    from .status import _table
-
     command = "crm-bridge replay --record"
     if args.ids or args.since or args.until or args.all:
         print(f"{command}: only --object, --url, --delivered and --dry-run apply (it replays the calls of "

@@ -11,6 +11,9 @@ from typing import NamedTuple
 
 import psycopg
 
+from .migrate import relation_exists
+from .sqlfiles import Q
+
 DEFAULT_ADMIN_ROLE = "crm_bridge_admin"
 DEFAULT_DAEMON_ROLE = "crm_bridge_daemon"
 DEFAULT_MONITOR_ROLE = "crm_bridge_monitor"
@@ -25,10 +28,9 @@ class RoleNames(NamedTuple):
 def recorded_roles(conn: psycopg.Connection) -> RoleNames | None:
     """The roles apply_grants() last set up, or None.  A database set up before the monitor role
     existed (schema version < 6) gets the default monitor role name."""
-    exists = conn.execute("SELECT to_regclass('crm_bridge.role_name') IS NOT NULL").fetchone()
-    if not exists or not exists[0]:
+    if not relation_exists(conn, "crm_bridge.role_name"):
         return None
-    rows = dict(conn.execute("SELECT kind, role FROM crm_bridge.role_name").fetchall())
+    rows = dict(conn.execute(Q.role_names).fetchall())
     if "admin" in rows and "daemon" in rows:
         return RoleNames(str(rows["admin"]), str(rows["daemon"]), str(rows.get("monitor", DEFAULT_MONITOR_ROLE)))
     return None
@@ -37,7 +39,7 @@ def recorded_roles(conn: psycopg.Connection) -> RoleNames | None:
 def apply_grants(conn: psycopg.Connection, roles: RoleNames) -> None:
     """Create the NOLOGIN group roles if missing and (re)grant their privileges (idempotent)."""
     with conn.transaction():
-        conn.execute("SELECT crm_bridge.apply_grants(%s, %s, %s)", tuple(roles))
+        conn.execute(Q.role_grants, roles._asdict())
 
 
 def after_migrate(conn: psycopg.Connection, *, requested: RoleNames | None) -> RoleNames | None:

@@ -27,9 +27,9 @@ import anyio
 import psycopg
 from psycopg.rows import dict_row
 
-from .db import latest_version
 from .listen import CONNECT_KWARGS
 from .metrics import MAX_URL_LABELS, Metrics, Snapshot
+from .migrate import latest_version
 from .redact import safe_text, scrub
 from .sdnotify import Notifier
 from .settings import Settings

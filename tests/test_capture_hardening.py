@@ -15,10 +15,10 @@ import sys
 
 import psycopg
 import pytest
-from conftest import install_schema_up_to
+from fixtures.databases import install_schema_up_to
 from psycopg import errors, sql
 
-from bridge.db import migrate
+from bridge.migrate import migrate
 
 EVIL_TABLE = "t\nDECLARE z bool := s.f();--"
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from bridge.db import latest_version
+from bridge.migrate import latest_version
 
 
 def check(dsn: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

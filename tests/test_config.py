@@ -8,7 +8,7 @@ import sys
 import psycopg
 import pytest
 
-from bridge.db import installed_version, latest_version, migrate
+from bridge.migrate import installed_version, latest_version, migrate
 from bridge.sqlfiles import migrations
 
 

@@ -12,8 +12,8 @@ import socket
 import psycopg
 import pytest
 
+from bridge.devtools.receiver import Rule
 from bridge.dispatch import Daemon
-from bridge.receiver import Rule
 from bridge.settings import Settings
 
 
@@ -58,19 +58,29 @@ def test_absurd_retry_schedule_that_slipped_past_validation_does_not_kill_the_da
     alive_and_delivering(db, receiver, daemon)
 
 
-def test_an_outcome_that_cannot_be_recorded_is_isolated_not_retried_forever(db, receiver, daemon):
-    """A DBA's own trigger (or any database error) refuses one delivery's outcome: that delivery
-    becomes a dead letter with a reason; every other delivery is recorded and the daemon stays up."""
-    db.execute("""
-        CREATE FUNCTION public.refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+def refuse_inserts(db, table: str, condition: str, raise_args: str) -> None:
+    """A DBA's own BEFORE INSERT trigger on crm_bridge.<table>: rows for which ``condition`` (SQL
+    over NEW) holds fail with check_violation (RAISE EXCEPTION ``raise_args``); others pass."""
+    sql = psycopg.sql
+    db.execute(sql.SQL("""
+        CREATE FUNCTION public.{fn}() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            IF NEW.ids[1] = 'poison' AND NEW.outcome = 'delivered' THEN
-                RAISE EXCEPTION 'refusing to record %', NEW.call_id USING ERRCODE = 'check_violation';
+            IF {condition} THEN
+                RAISE EXCEPTION {raise_args} USING ERRCODE = 'check_violation';
             END IF;
             RETURN NEW;
         END $$;
-        CREATE TRIGGER refuse_poison BEFORE INSERT ON crm_bridge.history
-            FOR EACH ROW EXECUTE FUNCTION public.refuse_poison();""")
+        CREATE TRIGGER {fn} BEFORE INSERT ON crm_bridge.{table}
+            FOR EACH ROW EXECUTE FUNCTION public.{fn}();""").format(
+        fn=sql.Identifier(f"refuse_{table}"), table=sql.Identifier(table), condition=sql.SQL(condition),
+        raise_args=sql.SQL(raise_args)))
+
+
+def test_an_outcome_that_cannot_be_recorded_is_isolated_not_retried_forever(db, receiver, daemon):
+    """A DBA's own trigger (or any database error) refuses one delivery's outcome: that delivery
+    becomes a dead letter with a reason; every other delivery is recorded and the daemon stays up."""
+    refuse_inserts(db, "history", "NEW.ids[1] = 'poison' AND NEW.outcome = 'delivered'",
+                   "'refusing to record %', NEW.call_id")
     db.add_url("customer", "create", receiver.url("/c"))
     db.execute("INSERT INTO crm.customer (account_id, name) SELECT 'ok-' || g, 'x' FROM generate_series(1, 20) g")
     db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('poison', 'x')")
@@ -83,16 +93,8 @@ def test_an_outcome_that_cannot_be_recorded_is_isolated_not_retried_forever(db, 
 
 
 def test_an_event_that_cannot_be_dispatched_is_dead_lettered_alone(db, receiver, daemon):
-    db.execute("""
-        CREATE FUNCTION public.refuse_dispatch() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF EXISTS (SELECT 1 FROM unnest(NEW.calls) c WHERE c.ids[1] = 'poison') THEN
-                RAISE EXCEPTION 'cannot take this one' USING ERRCODE = 'check_violation';
-            END IF;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER refuse_dispatch BEFORE INSERT ON crm_bridge.batch
-            FOR EACH ROW EXECUTE FUNCTION public.refuse_dispatch();""")
+    refuse_inserts(db, "batch", "EXISTS (SELECT 1 FROM unnest(NEW.calls) c WHERE c.ids[1] = 'poison')",
+                   "'cannot take this one'")
     db.add_url("customer", "create", receiver.url("/c"))
     for account in ("ok-1", "poison", "ok-2"):
         db.execute("INSERT INTO crm.customer (account_id, name) VALUES (%s, 'x')", [account])

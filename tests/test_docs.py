@@ -53,7 +53,7 @@ def _doc_env(dsn: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CRM_BRIDGE_"))}
     exe = Path(sys.executable).parent / "crm-bridge"
     assert exe.exists(), f"{exe} missing: run ./scripts/test (it installs the command)"
-    from bridge.pgserver import find_bindir
+    from bridge.devtools.pgserver import find_bindir
 
     env.update(PGHOST=str(info["host"]), PGPORT=str(info["port"]), PGDATABASE=str(info["dbname"]),
                PGUSER=str(info["user"]), CRM_BRIDGE_CONFIG="", CRM_BRIDGE_STATUS_INTERVAL="0.2",

@@ -10,10 +10,11 @@ import time
 
 import psycopg
 import pytest
-from conftest import install_schema_up_to
+from fixtures.databases import install_schema_up_to
+from fixtures.factories import add_expired_history
 
-from bridge.db import migrate
-from bridge.receiver import Rule
+from bridge.devtools.receiver import Rule
+from bridge.migrate import migrate
 
 
 def cli(dsn: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -135,14 +136,7 @@ def test_a_million_row_statement_is_claimed_in_chunks_while_live_changes_flow(db
 def test_rotation_drops_partitions_past_the_retention_and_makes_new_ones(db):
     db.execute("SELECT crm_bridge.daemon_rotate(interval '7 days')")
     # An old partition with a finished call, as if written 30 days ago.
-    db.execute("""CREATE TABLE crm_bridge.history_old PARTITION OF crm_bridge.history
-                  FOR VALUES FROM (now() - interval '31 days') TO (now() - interval '30 days')""")
-    db.execute("""INSERT INTO crm_bridge.history_partition
-                  VALUES ('history_old', now() - interval '31 days', now() - interval '30 days')""")
-    db.execute("""INSERT INTO crm_bridge.history (at, call_id, event_id, object, event, ids, event_created_at,
-                                                  record_key, outcome)
-                  VALUES (now() - interval '30 days 12 hours', 1, 1, 'customer', 'create', '{a}', now(), 'k',
-                          'unrouted')""")
+    add_expired_history(db, call_id=1, ids=["a"], record_key="k")
     result = db.one("SELECT crm_bridge.daemon_rotate(interval '7 days')")
     assert "dropped 1" in result
     assert db.one("SELECT to_regclass('crm_bridge.history_old')") is None

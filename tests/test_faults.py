@@ -12,9 +12,9 @@ from collections import Counter
 import psycopg
 import pytest
 
-from bridge.db import migrate
-from bridge.pgserver import TempPostgres
-from bridge.receiver import Receiver, Rule
+from bridge.devtools.pgserver import TempPostgres
+from bridge.devtools.receiver import Receiver, Rule
+from bridge.migrate import migrate
 
 
 def write_customers(dsn: str, start: int, count: int, per_tx: int = 100) -> None:

@@ -8,7 +8,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from bridge.receiver import Call, Rule
+from bridge.devtools.receiver import ReceivedCall, Rule
 
 EDITS = "FROM crm_bridge.delivery WHERE event = 'edit'"
 
@@ -16,7 +16,7 @@ EDITS = "FROM crm_bridge.delivery WHERE event = 'edit'"
 def write_back(dsn: str, *, origin: str | None = None, role: str | None = None):
     """A receiver handler that, like a sync process, writes the record back on every call."""
 
-    def handler(call: Call) -> None:
+    def handler(call: ReceivedCall) -> None:
         account = call.query.split("AccountID=", 1)[1]
         with psycopg.connect(dsn, autocommit=True, **({"user": role} if role else {})) as conn:
             if origin:

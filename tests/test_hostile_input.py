@@ -6,20 +6,20 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlsplit
 
 import anyio
 import httpx
 import psycopg
+from fixtures.factories import make_delivery
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
 from bridge.calls import build_call, make_call, plan_for
 from bridge.deliver import Delivery, RetryPolicy, attempt
+from bridge.devtools.receiver import Rule
 from bridge.http import make_client
-from bridge.receiver import Rule
 from bridge.settings import Settings
 from bridge.urls import call_url
 
@@ -43,10 +43,8 @@ odd_urls = st.one_of(st.builds(lambda *p: "".join(p), schemes, userinfo, hosts, 
 
 
 def delivery(url: str, ids: list[str | None], *, method: str = "GET") -> Delivery:
-    return Delivery(id=1, event_id=7, object="case", event="edit", ids=ids,
-                    event_created_at=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), status="in_flight",
-                    attempts=0, trigger_id=1, url=url, timeout_ms=None, max_attempts=None, retry_schedule=None,
-                    max_in_flight=None, id_params=["AccountID", "CaseID"][: len(ids)], method=method)
+    return make_delivery(object="case", ids=ids, url=url, id_params=["AccountID", "CaseID"][: len(ids)],
+                         method=method)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

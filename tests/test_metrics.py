@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.receiver import Rule
+from bridge.devtools.receiver import Rule
 
 FAST_STATUS = {"CRM_BRIDGE_STATUS_INTERVAL": "0.2"}
 

@@ -6,11 +6,11 @@ letter with a reason (outside review, finding 3)."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 
 import anyio
 import psycopg
 import pytest
+from fixtures.factories import make_delivery
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
@@ -133,10 +133,7 @@ values = st.recursive(st.none() | st.booleans() | st.integers(-10**30, 10**30) |
 
 
 def delivery(row: object) -> Delivery:
-    return Delivery(id=1, event_id=7, object="customer", event="edit", ids=["a"],
-                    event_created_at=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), status="in_flight",
-                    attempts=0, trigger_id=1, url="https://crm.example/hook", timeout_ms=None, max_attempts=None,
-                    retry_schedule=None, max_in_flight=None, id_params=["AccountID"], method="POST", row=row)
+    return make_delivery(method="POST", row=row)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -9,8 +9,8 @@ import sys
 import pytest
 from psycopg.types.json import Jsonb
 
+from bridge.devtools.receiver import Receiver, Rule
 from bridge.http import AddressRefused, policy_from
-from bridge.receiver import Receiver, Rule
 
 DENY_LOOPBACK = {"CRM_BRIDGE_DENY_CIDRS": "127.0.0.0/8,::1/128"}
 
@@ -22,6 +22,16 @@ def dead_error(db, trigger_id: int) -> str:
 
 def new_customer(db, account: str = "acc-1") -> None:
     db.execute("INSERT INTO crm.customer (account_id, name) VALUES (%s, 'x')", [account])
+
+
+def redirected_call(db, receiver, daemon_factory, inner, env: dict[str, str]) -> int:
+    """A daemon with ``env``, a URL (following redirects) that answers 302 to ``inner``, and one
+    call to it under way; returns the URL's id."""
+    daemon_factory(env=env)
+    receiver.answer("/moved", Rule(status=302, headers={"Location": inner.url("/internal")}))
+    tid = db.add_url("customer", "create", receiver.url("/moved"), follow_redirects=True)
+    new_customer(db)
+    return tid
 
 
 # -- TLS ----------------------------------------------------------------------------------------
@@ -89,10 +99,7 @@ def test_redirect_is_followed_when_the_url_opts_in(db, receiver, daemon):
 def test_followed_redirect_to_a_denied_address_is_refused_before_connecting(
         db, receiver, listener_factory, daemon_factory):
     inner = listener_factory("127.0.0.2")
-    daemon_factory(env={"CRM_BRIDGE_DENY_CIDRS": "127.0.0.2/32"})
-    receiver.answer("/moved", Rule(status=302, headers={"Location": inner.url("/internal")}))
-    tid = db.add_url("customer", "create", receiver.url("/moved"), follow_redirects=True)
-    new_customer(db)
+    tid = redirected_call(db, receiver, daemon_factory, inner, {"CRM_BRIDGE_DENY_CIDRS": "127.0.0.2/32"})
     error = dead_error(db, tid)
     assert "refused by the address policy" in error and "127.0.0.2/32" in error
     assert inner.accepted == 0
@@ -264,10 +271,7 @@ def test_redirect_to_another_loopback_origin_is_refused_before_connecting(db, re
 def test_redirect_into_a_range_the_operator_allowed_for_redirects_is_followed(
         db, receiver, listener_factory, daemon_factory):
     inner = listener_factory("127.0.0.1")
-    daemon_factory(env={"CRM_BRIDGE_REDIRECT_ALLOW_CIDRS": "127.0.0.0/8"})
-    receiver.answer("/moved", Rule(status=302, headers={"Location": inner.url("/internal")}))
-    tid = db.add_url("customer", "create", receiver.url("/moved"), follow_redirects=True)
-    new_customer(db)
+    tid = redirected_call(db, receiver, daemon_factory, inner, {"CRM_BRIDGE_REDIRECT_ALLOW_CIDRS": "127.0.0.0/8"})
     db.wait_until("SELECT status FROM crm_bridge.delivery WHERE trigger_id = %s", [tid], expect="delivered")
     assert inner.accepted == 1
 

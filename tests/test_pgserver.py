@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from bridge.pgserver import PostgresNotFound, _reachable, _service_user, reachable_bindir
+from bridge.devtools.pgserver import PostgresNotFound, _reachable, _service_user, reachable_bindir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the server to another user")
 

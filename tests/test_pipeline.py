@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from bridge.receiver import Rule
+from bridge.devtools.receiver import Rule
 
 # (object, event, SQL to run after the fixtures below exist, the exact query string expected)
 SEED_CASES = [

@@ -6,17 +6,16 @@ import email.utils
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from fixtures.factories import make_delivery
 
 from bridge.deliver import Delivery, RetryPolicy, _retry_after
 from bridge.settings import DEFAULT_RETRY_SCHEDULE, Settings
 
 
 def delivery(attempts: int = 0, **kw) -> Delivery:
-    base = dict(id=1, event_id=1, object="case", event="edit", ids=["a", "c"], event_created_at=datetime.now(UTC),
-                status="in_flight", attempts=attempts, trigger_id=1, url="http://127.0.0.1/x", timeout_ms=None,
-                max_attempts=None, retry_schedule=None, max_in_flight=None, id_params=["AccountID", "CaseID"])
-    base.update(kw)
-    return Delivery(**base)
+    return make_delivery(**{"object": "case", "ids": ["a", "c"], "event_created_at": datetime.now(UTC),
+                            "attempts": attempts, "url": "http://127.0.0.1/x", "id_params": ["AccountID", "CaseID"],
+                            **kw})
 
 
 def judge(policy: RetryPolicy, d: Delivery, status: int | None, retry_after: str | None = None):

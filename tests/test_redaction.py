@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
-from bridge.receiver import Rule
+from bridge.devtools.receiver import Rule
 from bridge.redact import redact_url, scrub
 
 PW, TOKEN, HEADER, BASIC = "pw-S3cret-99", "tok-S3cret-77", "hdr-S3cret-55", "bearer-S3cret-33"

@@ -9,7 +9,7 @@ import sys
 import psycopg
 import pytest
 
-from bridge.receiver import Rule
+from bridge.devtools.receiver import Rule
 
 C1 = ("--record", "AccountID=acc-1", "--record", "CaseID=c-1")
 C1_SQL = '{"AccountID": "acc-1", "CaseID": "c-1"}'

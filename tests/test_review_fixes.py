@@ -15,11 +15,11 @@ import os
 
 import psycopg
 import pytest
-from conftest import install_schema_up_to
+from fixtures.databases import install_schema_up_to
 from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
-from bridge.db import migrate
+from bridge.migrate import migrate
 from bridge.redact import redact_url
 
 # -- finding 4: attachment rows and the 0004 re-attach loop -------------------------------------

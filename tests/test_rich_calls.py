@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from bridge.receiver import Rule
+from bridge.devtools.receiver import Rule
 
 
 def test_post_sends_the_json_document_to_the_url_as_configured(db, receiver, daemon):

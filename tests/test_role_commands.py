@@ -13,7 +13,7 @@ import pytest
 from psycopg import errors
 from test_metrics import FAST_STATUS, metrics_url, scrape_until
 
-from bridge.receiver import Rule
+from bridge.devtools.receiver import Rule
 
 
 def cli(dsn: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -79,6 +79,14 @@ def test_replay_and_purge_as_the_admin_login(db, roles, receiver, dead_and_pendi
     assert purged.returncode == 0 and "purged 1 dead letter(s)" in purged.stdout, purged
     assert db.one("SELECT count(*) FROM crm_bridge.delivery WHERE status = 'dead'") == 0
 
+
+
+def test_retry_now_dry_run_lists_the_pending_call_as_the_admin_login(db, roles, dead_and_pending):
+    dry = cli(roles.dsn(roles.admin), "retry-now", "--url", str(dead_and_pending["later"]), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "1 pending deliveries would be made due now:" in dry.stdout
+    assert "DUE" in dry.stdout and "AccountID=a1&CaseID=c1" in dry.stdout and "HTTP 503" in dry.stdout
+    assert "AccountID=a2" not in dry.stdout                                 # dead letters are not listed
 
 def test_replay_without_a_filter_needs_all(db, roles, dead_and_pending):
     admin = roles.dsn(roles.admin)

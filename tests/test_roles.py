@@ -8,9 +8,10 @@ import sys
 
 import psycopg
 import pytest
+from fixtures.factories import add_expired_history
 from psycopg import errors
 
-from bridge.receiver import Rule
+from bridge.devtools.receiver import Rule
 
 BRIDGE_TABLES = ["crm_trigger", "object_type", "event", "delivery", "attempt", "attachment",
                  "signing_secret", "schema_version", "role_name"]
@@ -134,14 +135,7 @@ def test_daemon_connected_as_the_daemon_role_does_its_whole_job(db, roles, recei
                                                    trigger_id, url, status, lease_until, worker)
                   VALUES (0, 'customer', 'create', ARRAY['orphan'], '{orphan}', now(), %s, %s, 'in_flight',
                           now() - interval '1 minute', 'dead-worker')""", [seen, receiver.url("/ok")])
-    db.execute("""CREATE TABLE crm_bridge.history_old PARTITION OF crm_bridge.history
-                  FOR VALUES FROM (now() - interval '31 days') TO (now() - interval '30 days')""")
-    db.execute("""INSERT INTO crm_bridge.history_partition
-                  VALUES ('history_old', now() - interval '31 days', now() - interval '30 days')""")
-    db.execute("""INSERT INTO crm_bridge.history (at, call_id, event_id, object, event, ids, event_created_at,
-                                                  record_key, outcome)
-                  VALUES (now() - interval '30 days 12 hours', 0, 0, 'customer', 'create', ARRAY['old'], now(),
-                          '{old}', 'unrouted')""")
+    add_expired_history(db, call_id=0, ids=["old"], record_key="{old}")
     d = daemon_factory(target_dsn=roles.dsn(roles.daemon))
     db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('as-daemon', 'x')")
     receiver.wait_for(1, "/flaky")

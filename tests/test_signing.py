@@ -9,11 +9,12 @@ import os
 
 import psycopg
 import pytest
+from fixtures.factories import make_delivery
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from bridge.calls import sign
-from bridge.receiver import Rule
+from bridge.devtools.receiver import Rule
 
 
 def verify(secret: str, call, *, json_body: bool = False):
@@ -117,17 +118,11 @@ def test_every_configuration_change_of_a_url_makes_a_new_plan_and_an_unchanged_o
     from datetime import UTC, datetime
 
     from bridge.calls import build_call, plan_for
-    from bridge.deliver import Delivery
-
     first, second = ("whsec_" + base64.b64encode(os.urandom(24)).decode() for _ in range(2))
 
-    def delivery(**config) -> Delivery:
-        base = dict(url="https://crm.example/a", method=None, headers=None, signing_secret=None,
-                    id_params=["AccountID"])
-        return Delivery(id=1, event_id=7, object="customer", event="edit", ids=["acc 1"],
-                        event_created_at=datetime(2026, 1, 2, tzinfo=UTC), status="in_flight", attempts=0,
-                        trigger_id=424242, timeout_ms=None, max_attempts=None, retry_schedule=None,
-                        max_in_flight=None, **{**base, **config})
+    def delivery(**config):
+        return make_delivery(**{"ids": ["acc 1"], "event_created_at": datetime(2026, 1, 2, tzinfo=UTC),
+                                "trigger_id": 424242, "url": "https://crm.example/a", **config})
 
     def header(call, name: str) -> str | None:
         return dict(call.headers).get(name)
@@ -183,7 +178,7 @@ def test_the_secret_never_reaches_logs_or_recorded_errors(db, receiver, daemon_f
 def test_signing_headers_are_not_forwarded_to_another_origin(db, receiver, daemon_factory):
     """Issue 10, item 13: a signed call redirected to another origin must not hand it a signature it
     could replay to the real receiver.  The event id headers stay (they authenticate nothing)."""
-    from bridge.receiver import Receiver
+    from bridge.devtools.receiver import Receiver
 
     daemon_factory(env={"CRM_BRIDGE_REDIRECT_ALLOW_CIDRS": "127.0.0.0/8"})  # loopback: allowed for redirects
     with Receiver() as other:  # another port: another origin

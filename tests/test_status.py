@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from bridge.db import latest_version
-from bridge.receiver import Rule
+from bridge.devtools.receiver import Rule
+from bridge.migrate import latest_version
 
 
 def cli(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:

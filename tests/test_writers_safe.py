@@ -8,7 +8,7 @@ import re
 import psycopg
 import pytest
 
-from bridge.receiver import Rule
+from bridge.devtools.receiver import Rule
 
 LOCKABLE = ["crm_trigger", "object_type", "delivery", "attempt", "attachment", "signing_secret",
             "schema_version", "role_name"]

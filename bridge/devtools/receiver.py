@@ -18,7 +18,9 @@ from aiohttp import web
 
 
 @dataclass(frozen=True)
-class Call:
+class ReceivedCall:
+    """One request as the receiver saw it (not bridge.calls.Call, the request the daemon builds)."""
+
     method: str
     target: str            # the raw request target: path + "?" + query, byte-exact
     headers: dict[str, str]
@@ -43,19 +45,22 @@ class Rule:
     delay: float = 0.0
     reset: bool = False
     times: int | None = None
-    handler: Callable[[Call], None] | None = None
+    handler: Callable[[ReceivedCall], None] | None = None
     body: str | None = None              # answer body (default "ok" / "no")
     # Decides the answer from the request: (status, body); status and body above are then unused.
-    respond: Callable[[Call], tuple[int, str]] | None = None
+    respond: Callable[[ReceivedCall], tuple[int, str]] | None = None
 
 
 class Receiver:
+    """The HTTP server: ``calls`` (answered 2xx) and ``attempts`` (every request), scripted by
+    ``answer(prefix, Rule)``; a context manager that starts and stops its thread."""
+
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self.host = host
         self.ssl_context = ssl_context       # serve HTTPS with this (server-side) context
         self.port = port
-        self.calls: list[Call] = []
-        self.attempts: list[Call] = []       # every request, including failed answers
+        self.calls: list[ReceivedCall] = []
+        self.attempts: list[ReceivedCall] = []       # every request, including failed answers
         self._running: dict[str, int] = {}
         self._most_running: dict[str, int] = {}
         self._rules: list[tuple[str, Rule]] = []
@@ -90,13 +95,13 @@ class Receiver:
         return None
 
     # -- reading ----------------------------------------------------------------------------
-    def received(self, path: str | None = None) -> list[Call]:
+    def received(self, path: str | None = None) -> list[ReceivedCall]:
         """Calls answered with a 2xx (optionally only those to ``path``)."""
         with self._cond:
             return [c for c in self.calls if path is None or c.path == path]
 
     def wait_for(self, count: int, path: str | None = None, timeout: float = 15.0,
-                 *, attempts: bool = False) -> list[Call]:
+                 *, attempts: bool = False) -> list[ReceivedCall]:
         """Block until ``count`` calls (2xx, or any request with attempts=True) have arrived."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -130,7 +135,7 @@ class Receiver:
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        call = Call(request.method, request.raw_path, dict(request.headers), body, time.time())
+        call = ReceivedCall(request.method, request.raw_path, dict(request.headers), body, time.time())
         rule = self._rule_for(call.target) or Rule()
         if rule.respond is not None:
             status, text = rule.respond(call)

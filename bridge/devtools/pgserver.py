@@ -22,7 +22,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,16 +250,3 @@ class TempPostgres:
     def dsn(self, dbname: str = "postgres", *, tcp: bool = False) -> str:
         host = "127.0.0.1" if tcp else str(self.sockdir)
         return f"host={host} port={self.port} user={self.superuser} dbname={dbname}"
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        import psycopg
-
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with psycopg.connect(self.dsn(), connect_timeout=2):
-                    return
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
