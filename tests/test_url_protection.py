@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from test_metrics import FAST_STATUS, metrics_url, scrape_until
 
+from bridge.devtools.receiver import Receiver, Rule
 from bridge.dispatch import rate_bucket
-from bridge.receiver import Receiver, Rule
 
 
 def cli(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
