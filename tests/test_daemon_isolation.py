@@ -12,7 +12,7 @@ import socket
 import psycopg
 import pytest
 
-from bridge.dispatch import Daemon
+from bridge.daemon import Daemon
 from bridge.receiver import Rule
 from bridge.settings import Settings
 

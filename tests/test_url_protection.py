@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from test_metrics import FAST_STATUS, metrics_url, scrape_until
 
-from bridge.dispatch import rate_bucket
+from bridge.daemon import rate_bucket
 from bridge.receiver import Receiver, Rule
 
 
