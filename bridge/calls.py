@@ -1,6 +1,6 @@
 """The shape of one call: method, URL, headers and body, configured per URL in crm_trigger.
 
-* GET (the seed format): ``<url>?AccountID=…``, empty body.
+* GET (the default, the query strings of the README's first table): ``<url>?AccountID=…``, empty body.
 * POST: the configured URL as is, JSON body ``{"object","event","ids":{…},"occurred_at","event_id"}``.
 * Batched POST (``batch_max`` > 1): up to batch_max calls in one request, the body a JSON array of
   their single-call bodies, one signature and one key per batch (batch_key).
@@ -31,7 +31,7 @@ import httpx
 
 from .models import Delivery
 from .redact import SECRET_PARAMS, path_secrets
-from .urls import MissingId, query_string
+from .urls import MissingId, query_prefix, query_string
 
 METHODS = ("GET", "POST")
 # Headers crm-bridge sets itself or that would break the request framing.
@@ -238,7 +238,7 @@ def _make_plan(d: Delivery, fingerprint: tuple[object, ...]) -> UrlPlan:
                        error=f"crm_trigger {d.trigger_id}: the URL has credentials and headers set "
                              "Authorization: use one or the other")
     if method == "GET":
-        prefix = d.url + ("" if d.url.endswith(("?", "&")) else "&" if "?" in d.url else "?")
+        prefix = query_prefix(d.url)
     else:
         prefix = d.url
         headers.append(("Content-Type", "application/json"))
