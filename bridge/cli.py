@@ -43,9 +43,8 @@ permission denied, invalid settings).
 
 
 # -- where the connection comes from ----------------------------------------------------------
-def _dsn_source(settings: Settings) -> str:
-    """Where Settings.load found the DSN, for messages."""
-    source = settings.sources.get("dsn")
+def _dsn_source(settings: Settings, source: str | None) -> str:
+    """Where Settings.load found the DSN (``source``), for messages."""
     if not settings.dsn or source is None:
         return "libpq's PG* variables and defaults; no --dsn, CRM_BRIDGE_DSN or dsn in a config file was set"
     if source.startswith("config file "):
@@ -118,8 +117,9 @@ def _settings_from(args: argparse.Namespace) -> Settings:
                                            "metrics_addr", "poll_interval", "concurrency",
                                            "batch_size", "lease", "grace", "timeout")
              if getattr(args, k, None) not in (None, "")}   # empty: not given (as an empty CRM_BRIDGE_*)
-    settings = Settings.load(flags)
-    args._dsn, args._dsn_source = settings.dsn, _dsn_source(settings)
+    sources: dict[str, str] = {}
+    settings = Settings.load(flags, sources=sources)
+    args._dsn, args._dsn_source = settings.dsn, _dsn_source(settings, sources.get("dsn"))
     return settings
 
 

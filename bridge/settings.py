@@ -72,10 +72,6 @@ class Settings:
     log_format: str = "text"              # text | json
     metrics_addr: str = ""                # HOST:PORT for Prometheus metrics; empty: off
     status_interval: float = 10.0         # seconds between STATUS=/metrics refreshes from the DB
-    # Not a setting: where each value given came from ("--dsn", "environment variable …",
-    # "config file …"), for messages.  Filled by load().
-    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False,
-                                    metadata={"setting": False})
 
     @property
     def heartbeat_interval(self) -> float:
@@ -112,7 +108,10 @@ class Settings:
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
-             config_file: str | Path | None = None) -> Settings:
+             config_file: str | Path | None = None, *, sources: dict[str, str] | None = None) -> Settings:
+        """The settings from ``flags``, ``env`` and the config file.  ``sources``, when given, is
+        filled with where each value that was given came from ("--dsn", "environment variable
+        CRM_BRIDGE_DSN", "config file PATH"), for messages."""
         env = os.environ if env is None else env
         flags = {k: v for k, v in (flags or {}).items() if v is not None}
         values: dict[str, Any] = {}
@@ -121,7 +120,7 @@ class Settings:
         if path:
             for name, value in _read_toml(Path(path)).items():
                 values[name], origin[name] = value, f"config file {path}"
-        known = setting_names()
+        known = {f.name for f in fields(cls)}
         for name in known:
             key = f"CRM_BRIDGE_{name.upper()}"
             if env.get(key):   # empty: not set (a unit's `Environment=CRM_BRIDGE_DSN=` keeps the file's)
@@ -135,7 +134,8 @@ class Settings:
         for f in fields(cls):
             if f.name in values:
                 setattr(settings, f.name, _coerce(f, values[f.name], origin[f.name]))
-        settings.sources = origin
+        if sources is not None:
+            sources.update(origin)
         settings.validate()
         return settings
 
@@ -221,16 +221,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path}: {exc}") from None
     section = data.get("crm_bridge", data)
-    known = setting_names()
+    known = {f.name for f in fields(Settings)}
     unknown = set(section) - known
     if unknown:
         raise SettingsError(f"config file {path}: unknown setting(s): {', '.join(sorted(unknown))}")
     return dict(section)
-
-
-def setting_names() -> set[str]:
-    """The names a flag, a CRM_BRIDGE_* variable or the config file may set."""
-    return {f.name for f in fields(Settings) if f.metadata.get("setting", True)}
 
 
 def _coerce(f: dataclasses.Field[Any], value: Any, origin: str = "") -> Any:
