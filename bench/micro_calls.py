@@ -28,8 +28,9 @@ import anyio.lowlevel
 import httpx
 
 from bridge.calls import build_call, call_secrets
-from bridge.deliver import Delivery, Outcome, RetryPolicy, attempt
+from bridge.deliver import RetryPolicy, attempt
 from bridge.http import AddressPolicy, BridgeTransport, make_client
+from bridge.models import Delivery, Outcome
 from bridge.settings import Settings
 
 from .procs import ReceiverProcess

@@ -1,6 +1,6 @@
 """The shape of one call: method, URL, headers and body, configured per URL in crm_trigger.
 
-* GET (the seed format): ``<url>?AccountID=…``, empty body.
+* GET (the default, the query strings of the README's first table): ``<url>?AccountID=…``, empty body.
 * POST: the configured URL as is, JSON body ``{"object","event","ids":{…},"occurred_at","event_id"}``.
 * Batched POST (``batch_max`` > 1): up to batch_max calls in one request, the body a JSON array of
   their single-call bodies, one signature and one key per batch (batch_key).
@@ -25,18 +25,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
-from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
+from .models import Delivery
 from .redact import SECRET_PARAMS, path_secrets
-from .urls import MissingId, query_string
+from .urls import MissingId, query_prefix, query_string
 
-if TYPE_CHECKING:
-    from .deliver import Delivery
-
-USER_AGENT = "crm-bridge/0.1"
 METHODS = ("GET", "POST")
 # Headers crm-bridge sets itself or that would break the request framing.
 RESERVED_HEADERS = frozenset({
@@ -59,8 +55,7 @@ class Call:
     url: str
     headers: list[tuple[str, str]]
     body: bytes
-    secrets: tuple[str, ...] = field(default=(), repr=False)  # to scrub from any error text
-    static_header_names: tuple[str, ...] = ()                 # not forwarded across origins
+    static_header_names: tuple[str, ...] = ()   # not forwarded to another origin (http.send)
 
 
 def _parse_headers(raw: object, trigger_id: int | None) -> object:
@@ -243,7 +238,7 @@ def _make_plan(d: Delivery, fingerprint: tuple[object, ...]) -> UrlPlan:
                        error=f"crm_trigger {d.trigger_id}: the URL has credentials and headers set "
                              "Authorization: use one or the other")
     if method == "GET":
-        prefix = d.url + ("" if d.url.endswith(("?", "&")) else "&" if "?" in d.url else "?")
+        prefix = query_prefix(d.url)
     else:
         prefix = d.url
         headers.append(("Content-Type", "application/json"))
@@ -351,14 +346,18 @@ def make_call(plan: UrlPlan, d: Delivery, *, now: float | None = None) -> tuple[
         query, url, body = "", plan.prefix, json_body(d)
     # The call id: one per record and URL, the same on every retry, lease recovery and replay.
     # (Not the event id: all records of one bulk statement share their event.)
-    msg_id = str(d.id)
+    return Call(plan.method, url, _headers(plan, str(d.id), body, now), body, plan.static_header_names), query
+
+
+def _headers(plan: UrlPlan, msg_id: str, body: bytes, now: float | None) -> list[tuple[str, str]]:
+    """The plan's static headers, the call's (or batch's) key and, for a signing URL, the signature."""
     headers = [*plan.headers, ("Idempotency-Key", msg_id), ("webhook-id", msg_id)]
     if plan.key_error is not None:
         raise CallConfigError(plan.key_error)
     if plan.key is not None:
         ts = int(time.time() if now is None else now)
         headers += [("webhook-timestamp", str(ts)), ("webhook-signature", _signature(plan.key, msg_id, ts, body))]
-    return Call(plan.method, url, headers, body, plan.secrets, plan.static_header_names), query
+    return headers
 
 
 # -- batched calls (crm_trigger.batch_max, migration 0013) -------------------------------------------
@@ -396,14 +395,8 @@ def make_batch_call(plan: UrlPlan, ds: Sequence[Delivery], bodies: Sequence[byte
     if plan.method != "POST":
         raise CallConfigError("batched calls need method = 'POST'")
     body = b"[" + b",".join(bodies) + b"]"
-    msg_id = batch_key([d.id for d in ds])
-    headers = [*plan.headers, ("Idempotency-Key", msg_id), ("webhook-id", msg_id)]
-    if plan.key_error is not None:
-        raise CallConfigError(plan.key_error)
-    if plan.key is not None:
-        ts = int(time.time() if now is None else now)
-        headers += [("webhook-timestamp", str(ts)), ("webhook-signature", _signature(plan.key, msg_id, ts, body))]
-    return Call(plan.method, plan.prefix, headers, body, plan.secrets, plan.static_header_names)
+    return Call(plan.method, plan.prefix, _headers(plan, batch_key([d.id for d in ds]), body, now), body,
+                plan.static_header_names)
 
 
 # The largest answer body read for a list of failed events (a batch of 1,000 ids is ~20 kB).

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg.rows import dict_row
 
-from .http import AddressRefused, settings_policy
+from .http import AddressRefused
 from .migrate import applied_versions
 from .redact import redact_url, safe_text
 from .settings import Settings
@@ -167,7 +167,7 @@ def check_config(conn: psycopg.Connection, settings: Settings, report: Report) -
 
 def check_hosts(urls: list[dict], settings: Settings, report: Report) -> None:
     """Resolve every enabled URL's host once and hold the addresses against the address policy."""
-    policy = settings_policy(settings)  # the daemon's own policy
+    policy = settings.address_policy()  # the daemon's own policy
     by_host: dict[tuple[str, int], list[dict]] = {}
     for u in urls:
         parts = urlsplit(u["url"])

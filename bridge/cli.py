@@ -16,9 +16,19 @@ from collections.abc import Sequence
 
 import anyio
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
-from .redact import safe_text, scrub
-from .settings import DEFAULT_CONFIG, Settings, SettingsError, config_path, db_error_text
+from . import deadletters
+from .check import run_check
+from .daemon import Daemon
+from .devtools.demo import run_demo
+from .logs import LEVELS, configure
+from .migrate import installed_version, latest_version, migrate
+from .redact import clean_text
+from .roles import RoleNames, after_migrate
+from .service import Service
+from .settings import DEFAULT_CONFIG, Settings, SettingsError, db_error_text
+from .status import StatusError, attention, gather, render_json, render_text
 
 log = logging.getLogger("crm_bridge")
 
@@ -36,32 +46,18 @@ permission denied, invalid settings).
 """
 
 
-def resolve_dsn(flag: str | None) -> str:
-    """--dsn, else CRM_BRIDGE_DSN, else '' (libpq then uses the PG* variables)."""
-    return flag or os.environ.get("CRM_BRIDGE_DSN", "")
-
-
-def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
-    from .logs import configure
-
-    configure(level, fmt)
-
-
 # -- where the connection comes from ----------------------------------------------------------
-def _dsn_source(args: argparse.Namespace, settings: Settings) -> str:
-    if getattr(args, "dsn", None):
-        return "--dsn"
-    if os.environ.get("CRM_BRIDGE_DSN"):
-        return "CRM_BRIDGE_DSN"
-    if settings.dsn:
-        return f"dsn in config file {config_path(getattr(args, 'config', None))}"
-    return "libpq's PG* variables and defaults; no --dsn, CRM_BRIDGE_DSN or dsn in a config file was set"
+def _dsn_source(settings: Settings, source: str | None) -> str:
+    """Where Settings.load found the DSN (``source``), for messages."""
+    if not settings.dsn or source is None:
+        return "libpq's PG* variables and defaults; no --dsn, CRM_BRIDGE_DSN or dsn in a config file was set"
+    if source.startswith("config file "):
+        return f"dsn in {source}"
+    return source.removeprefix("environment variable ")
 
 
 def describe_target(dsn: str) -> str:
     """host/port/user/dbname the connection attempt used (never the password)."""
-    from psycopg.conninfo import conninfo_to_dict
-
     try:
         given = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
     except psycopg.Error:
@@ -78,7 +74,7 @@ def describe_target(dsn: str) -> str:
             # A password pasted into the wrong field must not be echoed: a port is digits.
             value = "(not a number)"
         parts.append(f"{key}={value}")
-    return safe_text(scrub(" ".join(parts)), 500)
+    return clean_text(" ".join(parts), limit=500)
 
 
 def _where(args: argparse.Namespace) -> str:
@@ -118,20 +114,18 @@ def _error_message(args: argparse.Namespace, exc: Exception, privilege_hint: str
 
 # -- commands ---------------------------------------------------------------------------------
 def _settings_from(args: argparse.Namespace) -> Settings:
-    flags = {k: getattr(args, k) for k in ("config", "worker_id", "log_level", "log_format",
+    """Every command's settings, the DSN included: flags > CRM_BRIDGE_* > the config file."""
+    flags = {k: getattr(args, k) for k in ("dsn", "config", "worker_id", "log_level", "log_format",
                                            "metrics_addr", "poll_interval", "concurrency",
                                            "batch_size", "lease", "grace", "timeout")
-             if getattr(args, k, None) is not None}
-    settings = Settings.load(flags)
-    settings.dsn = resolve_dsn(getattr(args, "dsn", None)) or settings.dsn
-    args._dsn, args._dsn_source = settings.dsn, _dsn_source(args, settings)
+             if getattr(args, k, None) not in (None, "")}   # empty: not given (as an empty CRM_BRIDGE_*)
+    sources: dict[str, str] = {}
+    settings = Settings.load(flags, sources=sources)
+    args._dsn, args._dsn_source = settings.dsn, _dsn_source(settings, sources.get("dsn"))
     return settings
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .migrate import installed_version, latest_version, migrate
-    from .roles import RoleNames, after_migrate
-
     dsn = _settings_from(args).dsn
     requested = RoleNames(args.admin_role, args.daemon_role, args.monitor_role) if args.roles else None
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -151,11 +145,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .dispatch import Daemon
-    from .service import Service
-
     settings = _settings_from(args)
-    setup_logging(settings.log_level, settings.log_format)
+    configure(settings.log_level, settings.log_format)
     # sd_notify (READY/WATCHDOG/STATUS/STOPPING) and the opt-in metrics: bridge/service.py
     service = Service(settings)
     daemon = Daemon(settings, on_ready=service.on_ready, on_outcome=service.on_outcome)
@@ -183,38 +174,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .devtools.demo import run_demo
-
     return run_demo()
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .deadletters import run
-
-    return run(args, _settings_from(args).dsn, "replay")
+    return deadletters.run(args, _settings_from(args).dsn, "replay")
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    from .deadletters import run
-
-    return run(args, _settings_from(args).dsn, "purge")
+    return deadletters.run(args, _settings_from(args).dsn, "purge")
 
 
 def cmd_retry_now(args: argparse.Namespace) -> int:
-    from .deadletters import run
-
-    return run(args, _settings_from(args).dsn, "retry-now")
+    return deadletters.run(args, _settings_from(args).dsn, "retry-now")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import run_check
-
     return run_check(_settings_from(args))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import StatusError, attention, gather, render_json, render_text
-
     try:
         settings = _settings_from(args)
         with psycopg.connect(settings.dsn, connect_timeout=10, application_name="crm-bridge status") as conn:
@@ -252,16 +231,13 @@ def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
                         "the config file, then libpq's PG* variables)")
     g.add_argument("--config", default=d, metavar="FILE",
                    help=f"TOML settings file (default: $CRM_BRIDGE_CONFIG, else {DEFAULT_CONFIG} if it exists)")
-    g.add_argument("--log-level", dest="log_level", default=d, type=str.upper,
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    g.add_argument("--log-level", dest="log_level", default=d, type=str.upper, choices=LEVELS,
                    help="log level (default: INFO for run, WARNING for the other commands)")
     g.add_argument("--log-format", dest="log_format", default=d, choices=["text", "json"],
                    help="log line format (default: text)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .deadletters import add_filter_args, add_retry_args
-
     p = argparse.ArgumentParser(prog="crm-bridge", description=__doc__, formatter_class=_Formatter,
                                 epilog=CONNECTION_HELP.format(default_config=DEFAULT_CONFIG)
                                 + "\nSee `crm-bridge COMMAND --help`; docs/OPERATIONS.md and docs/DBA.md.")
@@ -339,18 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
                  "optional --until), e.g. after its receiver lost data.  With --record NAME=ID …: the calls of one "
                  "record (its dead letters; with --delivered also its delivered calls), in call order.  Runs as a "
                  "member of crm_bridge_admin.")
-    add_filter_args(rp, delivered=True)
+    deadletters.add_filter_args(rp, delivered=True)
     pg = command("purge", "delete dead letters (filters combine with AND)",
                  "Delete matching dead letters and their attempt history.  Filters combine with AND; without "
                  "any filter, --all is required (on a terminal you are asked instead).  Runs as a member of "
                  "crm_bridge_admin.")
-    add_filter_args(pg)
+    deadletters.add_filter_args(pg)
     rn = command("retry-now", "send queued (pending) deliveries now instead of after their backoff",
                  "Make matching pending deliveries due now, e.g. after a receiver is back: a daemon sends them "
                  "within its poll interval.  Filters combine with AND; without any filter, --all is required "
                  "(on a terminal you are asked instead).  Deliveries of paused or disabled URLs stay held "
                  "until the URL is resumed.  Runs as a member of crm_bridge_admin.")
-    add_retry_args(rn)
+    deadletters.add_retry_args(rn)
     return p
 
 
@@ -358,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "run":
-        setup_logging(args.log_level or os.environ.get("CRM_BRIDGE_LOG_LEVEL", "WARNING"), args.log_format or "text")
+        configure(args.log_level or os.environ.get("CRM_BRIDGE_LOG_LEVEL", "WARNING"), args.log_format or "text")
     try:
         return COMMANDS[args.command](args)
     except (SettingsError, psycopg.Error) as exc:

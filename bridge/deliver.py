@@ -10,9 +10,8 @@ import random
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
 
 import httpx
 
@@ -28,8 +27,9 @@ from .calls import (
     make_call,
     plan_for,
 )
-from .http import MAX_REDIRECTS, READ_ANSWER, REDIRECT_HOP, AddressRefused
-from .redact import redact_url, safe_text, scrub
+from .http import READ_ANSWER, AddressRefused, send, unfollowed_redirect
+from .models import Delivery, Outcome
+from .redact import clean_text, describe_exception, redact_url
 from .settings import Settings
 from .urls import MissingId
 
@@ -40,83 +40,6 @@ RETRYABLE_4XX = frozenset({408, 425, 429})
 MAX_ERROR_LEN = 500
 # The longest wait before a retry, whatever the configuration says (crm_bridge.max_retry_delay()).
 MAX_RETRY_DELAY = 7 * 86400.0
-# Never forwarded to another origin: they would let that origin replay a signed call to the real
-# receiver.  webhook-id / Idempotency-Key (the event id) stay: they authenticate nothing and let
-# the new origin drop duplicates.
-SIGNING_HEADERS = ("webhook-signature", "webhook-timestamp")
-
-
-@dataclass(slots=True)
-class Delivery:
-    """A claimed call (see sql/queries.sql: claim / claim_due)."""
-
-    id: int
-    event_id: int
-    object: str
-    event: str
-    ids: list[str | None]
-    event_created_at: datetime
-    status: str
-    attempts: int
-    trigger_id: int | None
-    url: str | None
-    timeout_ms: int | None
-    max_attempts: int | None
-    retry_schedule: list[float] | None      # seconds, capped by the database (retry_seconds)
-    max_in_flight: int | None
-    id_params: list[str]
-    ordered: bool = False
-    # Per-URL call shape (migration 0003); defaults keep rows from older queries loadable.
-    method: str | None = None
-    # crm_trigger.headers as JSON text ({"Name": "value"}), parsed per call (calls.static_headers).
-    headers: Any = None
-    follow_redirects: bool | None = None
-    signing_secret: str | None = field(default=None, repr=False)
-    # {"new"/"old": captured row} as PostgreSQL's JSON text, for include_row URLs: never parsed,
-    # spliced into the POST body as is (calls.row_members).
-    row: Any = field(default=None, repr=False)
-    # Calls per request for a POST URL (migration 0013); NULL or 1: one call per request.
-    batch_max: int | None = None
-    # Receiver protection (migration 0015): the URL's rate limit (enforced by the database, see
-    # daemon_claim_due) and its circuit breaker's settings (the daemon's own copy of the breaker
-    # stops sending the calls it holds after breaker_threshold failures in a row).
-    max_per_second: float | None = None
-    breaker_threshold: int | None = None
-    breaker_cooldown: float | None = None
-    # Not columns: handed out by daemon_claim_due (the database decided it may be sent now), and
-    # when (time.monotonic()).
-    granted: bool = False
-    granted_at: float = 0.0
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Delivery:
-        """A claimed row as a Delivery; raises ValueError (or TypeError) for a row the daemon cannot
-        work with, which then becomes a dead letter with that reason (dispatch.Daemon._spawn)."""
-        d = cls(**row)
-        if not isinstance(d.id, int) or not isinstance(d.trigger_id, int):
-            raise ValueError("the claimed row has no delivery id or URL id")
-        if not isinstance(d.event_created_at, datetime):
-            raise ValueError("its event_created_at is outside the years the daemon can handle (2 to 9998); "
-                             "was it changed by hand?")
-        return d
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What happened; ``status`` is the delivery's next state."""
-
-    status: str                 # delivered | pending | dead
-    attempted: int = 1          # 0 when handed back without an attempt
-    http_status: int | None = None
-    error: str | None = None
-    delay: float = 0.0          # seconds until the next attempt (status pending)
-    duration_ms: int = 0
-
-    @property
-    def receiver_down(self) -> bool:
-        """A connection failure, a timeout or a 5xx: what the circuit breaker counts."""
-        return bool(self.attempted) and self.status != "delivered" and (
-            self.http_status is None or self.http_status >= 500)
 
 
 def _retry_after(value: str | None, cap: float) -> float | None:
@@ -136,19 +59,26 @@ def _retry_after(value: str | None, cap: float) -> float | None:
 
 
 class RetryPolicy:
+    """Judges one attempt's answer (judge): delivered on a 2xx; a dead letter on a permanent 4xx
+    (all but RETRYABLE_4XX) or when the URL's max_attempts are used up; else pending again after
+    the URL's retry schedule (with +-retry_jitter, at most MAX_RETRY_DELAY), or after the
+    receiver's Retry-After on a 429/503 (capped by retry_after_cap).  Per-URL values come from
+    the claimed row, the rest from ``settings`` (Settings.url_*)."""
+
     def __init__(self, settings: Settings) -> None:
-        self.s = settings
+        self.settings = settings
 
     def backoff(self, d: Delivery, attempt: int) -> float:
         """Delay before attempt ``attempt + 1`` after ``attempt`` failures, with jitter."""
-        schedule = list(d.retry_schedule or ()) or list(self.s.retry_schedule)
+        schedule = self.settings.url_retry_schedule(d)
         base = schedule[min(attempt - 1, len(schedule) - 1)]
-        if self.s.retry_jitter:
-            base *= random.uniform(1 - self.s.retry_jitter, 1 + self.s.retry_jitter)
+        jitter = self.settings.retry_jitter
+        if jitter:
+            base *= random.uniform(1 - jitter, 1 + jitter)
         return min(max(base, 0.0), MAX_RETRY_DELAY)
 
     def max_attempts(self, d: Delivery) -> int:
-        return d.max_attempts or self.s.max_attempts
+        return self.settings.url_max_attempts(d)
 
     def judge(self, d: Delivery, *, status: int | None, error: str | None,
               retry_after: str | None, duration_ms: int) -> Outcome:
@@ -163,14 +93,10 @@ class RetryPolicy:
             return Outcome("dead", http_status=status, error=f"gave up after {attempt} attempts: {err}",
                            duration_ms=duration_ms)
         delay = self.backoff(d, attempt)
-        hinted = _retry_after(retry_after, self.s.retry_after_cap) if status in (429, 503) else None
+        hinted = _retry_after(retry_after, self.settings.retry_after_cap) if status in (429, 503) else None
         if hinted is not None:
             delay = min(hinted, MAX_RETRY_DELAY)
         return Outcome("pending", http_status=status, error=err, delay=delay, duration_ms=duration_ms)
-
-
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
-    return url.scheme, url.host, url.port
 
 
 _timeouts: dict[float, dict[str, float | None]] = {}
@@ -186,33 +112,6 @@ def _timeout_extension(seconds: float) -> dict[str, float | None]:
     return ext
 
 
-async def _send(client: httpx.AsyncClient, request: httpx.Request, call: Call,
-                follow: bool) -> tuple[httpx.Response, str | None]:
-    """Send, following up to MAX_REDIRECTS redirects when the URL opted in.  Every hop passes the
-    transport's address policy, and a hop to another origin than the configured URL's is marked
-    REDIRECT_HOP, so that it may only reach public addresses (unless redirect_allow_cidrs lists
-    the range).  Configured headers, Authorization and the signature are not forwarded to another
-    origin (they may be credentials), and an https URL is never redirected to plain http."""
-    resp = await client.send(request, follow_redirects=False)
-    if not follow or resp.next_request is None:
-        return resp, None
-    configured = _origin(request.url)
-    hops = 0
-    while resp.next_request is not None and hops < MAX_REDIRECTS:
-        nxt = resp.next_request
-        if request.url.scheme == "https" and nxt.url.scheme != "https":
-            return resp, f"HTTP {resp.status_code} redirect from https to {redact_url(str(nxt.url))} refused"
-        if _origin(nxt.url) != _origin(request.url):
-            for name in (*call.static_header_names, "Authorization", *SIGNING_HEADERS):
-                nxt.headers.pop(name, None)
-        # httpx copies the previous request's extensions: set the mark for this hop afresh.
-        nxt.extensions = {**nxt.extensions, REDIRECT_HOP: _origin(nxt.url) != configured}
-        await resp.aclose()
-        request, hops = nxt, hops + 1
-        resp = await client.send(request, follow_redirects=False)
-    return resp, None
-
-
 async def attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, settings: Settings) -> Outcome:
     """Make one call and judge it.  Never raises (except cancellation).
 
@@ -220,18 +119,22 @@ async def attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, s
     signing secret, token-looking path segments) before they reach the delivery row, the attempt
     history or a log line, and made storable and printable: whatever a receiver put in its body,
     headers or reason phrase (NUL, escape sequences, a megabyte) ends up as at most
-    MAX_ERROR_LEN characters with control characters escaped (redact.safe_text).
+    MAX_ERROR_LEN characters with control characters escaped (redact.clean_text).
     """
     outcome = await _attempt(client, policy, d, settings)
     if outcome.error is not None:
-        outcome.error = safe_text(outcome.error, MAX_ERROR_LEN)
+        outcome.error = clean_text(outcome.error, limit=MAX_ERROR_LEN)
     return outcome
 
 
-def _unbuildable(d: Delivery, exc: Exception, secrets: tuple[str, ...]) -> Outcome:
+def _dead(error: str, secrets: Sequence[str]) -> Outcome:
+    """A call that cannot be made (a permanent failure, before anything was sent)."""
+    return Outcome("dead", error=clean_text(error, secrets, MAX_ERROR_LEN))
+
+
+def _unbuildable(d: Delivery, exc: Exception, secrets: Sequence[str]) -> Outcome:
     assert d.url is not None
-    return Outcome("dead", error=scrub(f"cannot build the request for {redact_url(d.url)}: "
-                                       f"{type(exc).__name__}: {exc}", secrets))
+    return _dead(f"cannot build the request for {redact_url(d.url)}: {describe_exception(exc)}", secrets)
 
 
 async def _attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, settings: Settings) -> Outcome:
@@ -246,7 +149,7 @@ async def _attempt(client: httpx.AsyncClient, policy: RetryPolicy, d: Delivery, 
     try:
         call, query = make_call(plan, d)
     except (MissingId, CallConfigError) as exc:
-        return Outcome("dead", error=scrub(str(exc), secrets))
+        return _dead(str(exc), secrets)
     except Exception as exc:  # an odd URL or a bug: one dead delivery, never a dead daemon
         return _unbuildable(d, exc, secrets)
     ex = await _exchange(client, plan, call, query, d, settings)
@@ -278,8 +181,8 @@ async def _exchange(client: httpx.AsyncClient, plan: UrlPlan, call: Call, query:
     Never raises (except cancellation)."""
     assert d.url is not None
     secrets = plan.secrets
-    timeout = d.timeout_ms / 1000.0 if d.timeout_ms else settings.timeout
-    follow = settings.follow_redirects if d.follow_redirects is None else d.follow_redirects
+    timeout = settings.url_timeout(d)
+    follow = settings.url_follow_redirects(d)
     started = time.monotonic()
     status: int | None = None
     error: str | None = None
@@ -292,12 +195,12 @@ async def _exchange(client: httpx.AsyncClient, plan: UrlPlan, call: Call, query:
                                        extensions={"timeout": _timeout_extension(timeout)} if not read_answer
                                        else {"timeout": _timeout_extension(timeout), READ_ANSWER: read_answer})
     except (httpx.InvalidURL, ValueError) as exc:  # e.g. malformed punycode (idna.IDNAError)
-        return Outcome("dead", error=scrub(f"invalid URL {redact_url(call.url)}: {exc}", secrets))
+        return _dead(f"invalid URL {redact_url(call.url)}: {exc}", secrets)
     try:
         # One deadline for the whole call, redirects and the error body included.  asyncio's own
         # timeout: an anyio cancel scope per call costs three times as much (bench/profile_calls).
         async with asyncio.timeout(timeout):
-            resp, refusal = await _send(client, request, call, follow)
+            resp, refusal = await send(client, request, follow=follow, private_headers=call.static_header_names)
         status = resp.status_code
         if 200 <= status < 300:
             content = resp.content
@@ -305,13 +208,9 @@ async def _exchange(client: httpx.AsyncClient, plan: UrlPlan, call: Call, query:
             error = refusal
         elif status >= 300:
             retry_after = resp.headers.get("retry-after")
-            if status < 400 and "location" in resp.headers:
-                hint = f"more than {MAX_REDIRECTS} redirects" if follow else \
-                    "not followed: follow_redirects is off for this URL"
-                error = f"HTTP {status} redirect to {redact_url(resp.headers['location'])} ({hint})"
-            else:
-                # Scrubbed before it is cut, so that a cut never leaves half a secret behind.
-                snippet = safe_text(scrub(resp.content.decode("utf-8", "replace").strip(), secrets), 300)
+            error = unfollowed_redirect(resp, follow)
+            if error is None:
+                snippet = clean_text(resp.content.decode("utf-8", "replace").strip(), secrets, 300)
                 error = f"HTTP {status}" + (f": {snippet}" if snippet else "")
     except TimeoutError:
         error = f"timed out after {timeout:g} s"
@@ -319,15 +218,15 @@ async def _exchange(client: httpx.AsyncClient, plan: UrlPlan, call: Call, query:
         refused = True
         error = f"refused by the address policy, nothing was sent: {exc}"
     except httpx.HTTPError as exc:
-        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        error = describe_exception(exc)
     except Exception as exc:  # a bug or an odd URL must not kill the daemon
-        error = f"{type(exc).__name__}: {exc}"
+        error = describe_exception(exc)
         log.error("unexpected error calling %s: %s", redact_url(call.url),
-                  safe_text(scrub("".join(traceback.format_exception(exc)), secrets), 4000))
+                  clean_text("".join(traceback.format_exception(exc)), secrets, 4000))
     duration_ms = int((time.monotonic() - started) * 1000)
     if error:
-        error = scrub(error.replace(call.url, redact_url(call.url)).replace(d.url, redact_url(d.url)), secrets)
-        error = safe_text(error, 2 * MAX_ERROR_LEN)  # judge() adds a prefix; attempt() bounds the result
+        error = error.replace(call.url, redact_url(call.url)).replace(d.url, redact_url(d.url))
+        error = clean_text(error, secrets, 2 * MAX_ERROR_LEN)  # judge() adds a prefix; attempt() bounds it
     return _Exchange(status, error, retry_after, duration_ms, refused, content)
 
 
@@ -348,7 +247,7 @@ async def attempt_batch(client: httpx.AsyncClient, policy: RetryPolicy, ds: Sequ
     outcomes = await _attempt_batch(client, policy, ds, settings)
     for o in outcomes:
         if o.error is not None:
-            o.error = safe_text(o.error, MAX_ERROR_LEN)
+            o.error = clean_text(o.error, limit=MAX_ERROR_LEN)
     return outcomes
 
 
@@ -364,14 +263,14 @@ async def _attempt_batch(client: httpx.AsyncClient, policy: RetryPolicy, ds: Seq
     secrets = plan.secrets
     out: list[Outcome | None] = [None] * len(ds)
     if plan.error is not None:
-        return [Outcome("dead", error=scrub(plan.error, secrets)) for _ in ds]
+        return [_dead(plan.error, secrets) for _ in ds]
     members: list[int] = []
     bodies: list[bytes] = []
     for i, d in enumerate(ds):
         try:
             bodies.append(json_body(d))
         except (MissingId, CallConfigError) as exc:
-            out[i] = Outcome("dead", error=scrub(str(exc), secrets))
+            out[i] = _dead(str(exc), secrets)
             continue
         except Exception as exc:  # an odd row or a bug: one dead delivery
             out[i] = _unbuildable(d, exc, secrets)
@@ -390,7 +289,7 @@ async def _send_batch(client: httpx.AsyncClient, policy: RetryPolicy, plan: UrlP
     try:
         call = make_batch_call(plan, sent, bodies)
     except CallConfigError as exc:
-        return [Outcome("dead", error=scrub(str(exc), plan.secrets)) for _ in sent]
+        return [_dead(str(exc), plan.secrets) for _ in sent]
     except Exception as exc:
         dead = _unbuildable(first, exc, plan.secrets)
         return [replace(dead) for _ in sent]

@@ -1,8 +1,8 @@
 """The outbound HTTP client: httpx's interface on an aiohttp transport, with an address policy.
 
-httpx's default transport loses throughput as concurrency grows (encode/httpx #3215; measured in
-docs/DESIGN: 730 -> 200 req/s from 1 to 32 concurrent requests), so the shared
-``httpx.AsyncClient`` runs on aiohttp's connection pool.  The transport also:
+httpx's default transport loses throughput as concurrency grows (encode/httpx #3215; see
+docs/DESIGN.md, "HTTP client"), so the shared ``httpx.AsyncClient`` runs on aiohttp's connection
+pool.  The transport also:
 
 * sends the request target byte-exact (aiohttp would otherwise re-quote the query string),
 * checks every destination address against an allow/deny policy *after* DNS resolution and
@@ -15,6 +15,9 @@ docs/DESIGN: 730 -> 200 req/s from 1 to 32 concurrent requests), so the shared
   are listed in ``redirect_allow_cidrs`` -- the configured URL is the operator's choice, a
   redirect target is the receiver's,
 * verifies TLS certificates and host names (certifi's CAs plus an optional CA bundle).
+
+The redirect rules live here too (:func:`send`): which hops are followed, which headers a hop to
+another origin loses, and the error text of a redirect that was not followed.
 """
 
 from __future__ import annotations
@@ -27,15 +30,15 @@ import socket
 import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
+import certifi
 import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-if TYPE_CHECKING:
-    from .settings import Settings
+from .redact import redact_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -62,6 +65,11 @@ MAX_ERROR_BODY = 512
 # receiver may list the events that failed); other 2xx bodies are never read.
 READ_ANSWER = "crm_bridge_read_answer"
 MAX_REDIRECTS = 5
+USER_AGENT = "crm-bridge/0.1"
+# Never forwarded to another origin: they would let that origin replay a signed call to the real
+# receiver.  webhook-id / Idempotency-Key (the call id) stay: they authenticate nothing and let
+# the new origin drop duplicates.
+SIGNING_HEADERS = ("webhook-signature", "webhook-timestamp")
 
 
 class AddressRefused(httpx.ConnectError):
@@ -177,7 +185,7 @@ def _plain_error(exc: BaseException) -> str:
         reason = (os.strerror(errno) if isinstance(errno, int) and errno > 0 else None) \
             or getattr(os_error, "strerror", None) or str(os_error) or type(os_error).__name__
         return f"cannot connect to {exc.host}:{exc.port}: {reason}"
-    return str(exc) or type(exc).__name__
+    return str(exc)  # the httpx error it becomes names the class (redact.describe_exception)
 
 
 class BridgeTransport(httpx.AsyncBaseTransport):
@@ -316,14 +324,12 @@ def make_client(*, policy: AddressPolicy | None = None, verify: ssl.SSLContext |
     transport = BridgeTransport(policy=policy or AddressPolicy(), verify=verify,
                                 max_connections=max_connections)
     return BridgeClient(transport=transport, timeout=httpx.Timeout(timeout), follow_redirects=False,
-                        max_redirects=MAX_REDIRECTS, headers={"User-Agent": "crm-bridge/0.1"})
+                        max_redirects=MAX_REDIRECTS, headers={"User-Agent": USER_AGENT})
 
 
 def ssl_context(ca_bundle: str = "") -> ssl.SSLContext:
     """Verifying TLS context: certifi's CAs, plus ``ca_bundle`` (a PEM file or a c_rehash'd
     directory) for internal CAs.  There is deliberately no switch to turn verification off."""
-    import certifi
-
     ctx = ssl.create_default_context(cafile=certifi.where())
     if ca_bundle:
         if os.path.isdir(ca_bundle):
@@ -339,12 +345,44 @@ def policy_from(deny: Iterable[str], allow: Iterable[str], redirect_allow: Itera
                          redirect_allow=parse_networks(redirect_allow))
 
 
-def settings_policy(settings: Settings) -> AddressPolicy:
-    """The daemon's policy from its settings (also what `crm-bridge check` holds hosts against)."""
-    return policy_from(settings.deny_cidrs, settings.allow_cidrs, settings.redirect_allow_cidrs)
+# -- redirects ------------------------------------------------------------------------------------
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port
 
 
-def client_for(settings: Settings) -> httpx.AsyncClient:
-    """The client ``crm-bridge run`` uses, built from its settings."""
-    return make_client(policy=settings_policy(settings),
-                       verify=ssl_context(settings.ca_bundle), timeout=settings.timeout)
+async def send(client: httpx.AsyncClient, request: httpx.Request, *, follow: bool,
+               private_headers: tuple[str, ...] = ()) -> tuple[httpx.Response, str | None]:
+    """Send ``request``, following up to MAX_REDIRECTS redirects when the URL opted in (``follow``);
+    returns the last answer and, when a redirect was refused, why.  Every hop passes the
+    transport's address policy, and a hop to another origin than the configured URL's is marked
+    REDIRECT_HOP, so that it may only reach public addresses (unless redirect_allow_cidrs lists
+    the range).  ``private_headers`` (the URL's configured headers), Authorization and the
+    signature are not forwarded to another origin (they may be credentials), and an https URL is
+    never redirected to plain http."""
+    resp = await client.send(request, follow_redirects=False)
+    if not follow or resp.next_request is None:
+        return resp, None
+    configured = _origin(request.url)
+    hops = 0
+    while resp.next_request is not None and hops < MAX_REDIRECTS:
+        nxt = resp.next_request
+        if request.url.scheme == "https" and nxt.url.scheme != "https":
+            return resp, f"HTTP {resp.status_code} redirect from https to {redact_url(str(nxt.url))} refused"
+        if _origin(nxt.url) != _origin(request.url):
+            for name in (*private_headers, "Authorization", *SIGNING_HEADERS):
+                nxt.headers.pop(name, None)
+        # httpx copies the previous request's extensions: set the mark for this hop afresh.
+        nxt.extensions = {**nxt.extensions, REDIRECT_HOP: _origin(nxt.url) != configured}
+        await resp.aclose()
+        request, hops = nxt, hops + 1
+        resp = await client.send(request, follow_redirects=False)
+    return resp, None
+
+
+def unfollowed_redirect(resp: httpx.Response, follow: bool) -> str | None:
+    """The error text of a 3xx answer left as it is (``follow`` off, or too many hops); None when
+    ``resp`` is not a redirect."""
+    if not 300 <= resp.status_code < 400 or "location" not in resp.headers:
+        return None
+    hint = f"more than {MAX_REDIRECTS} redirects" if follow else "not followed: follow_redirects is off for this URL"
+    return f"HTTP {resp.status_code} redirect to {redact_url(resp.headers['location'])} ({hint})"

@@ -16,7 +16,7 @@ import logging
 import time
 
 import psycopg
-from psycopg import errors
+from psycopg import errors, sql
 
 from .sqlfiles import Q
 
@@ -33,6 +33,8 @@ MAX_PAYLOAD = 200
 IDLE_MARGIN = 5.0
 # The database caps one mark at 60 s: longer waits refresh it.
 IDLE_SLICE = 50.0
+# A session lock can only wait for writers briefly: never block behind a long transaction.
+LOCK_WAIT = "100ms"
 
 
 def valid_payload(payload: str) -> bool:
@@ -47,9 +49,18 @@ def valid_payload(payload: str) -> bool:
 
 
 class Listener:
-    def __init__(self, dsn: str, *, lock_wait_ms: int = 100) -> None:
+    """The daemon's LISTEN connection, apart from its pool.
+
+    Contract: connect() (again after any OperationalError: it closes the old connection first)
+    LISTENs on CHANNEL; enter_idle() takes the idle lock (False at once when writers or another
+    daemon hold it past LOCK_WAIT) and marks the daemon idle so that writers NOTIFY; wait() returns
+    True on a well-formed wake-up NOTIFY and False on timeout, ignoring (and counting) malformed
+    ones; leave_idle() clears the mark and releases the lock before the daemon drains.  A closed
+    connection raises psycopg.OperationalError, which the daemon's reconnect loop handles.
+    """
+
+    def __init__(self, dsn: str) -> None:
         self._dsn = dsn
-        self._lock_wait_ms = lock_wait_ms
         self._conn: psycopg.AsyncConnection | None = None
         self.holding_lock = False
         self.malformed = 0
@@ -57,18 +68,13 @@ class Listener:
         self._idle_until = 0.0         # monotonic time the database's idle mark lasts until
         self._can_mark = True          # False when the role may not call daemon_enter_idle
 
-    @property
-    def connected(self) -> bool:
-        return self._conn is not None and not self._conn.closed
-
     async def connect(self) -> None:
         await self.close()
         conn = await psycopg.AsyncConnection.connect(
             self._dsn, autocommit=True, application_name="crm-bridge listener", **CONNECT_KWARGS,
         )
-        # A session lock can only wait for writers briefly: never block behind a long transaction.
-        await conn.execute(f"SET lock_timeout = {int(self._lock_wait_ms)}")
-        await conn.execute(f"LISTEN {CHANNEL}")
+        await conn.execute(Q.listener_session, {"lock_timeout": LOCK_WAIT})
+        await conn.execute(sql.SQL(Q.listen).format(channel=sql.Identifier(CHANNEL)))
         self._conn = conn
         self.holding_lock = False
         self._can_mark = True
@@ -88,7 +94,7 @@ class Listener:
         return self._conn
 
     async def enter_idle(self) -> bool:
-        """Take the idle lock.  False when writers (or another daemon) hold it past lock_wait_ms."""
+        """Take the idle lock.  False when writers (or another daemon) hold it past LOCK_WAIT."""
         conn = self._require()
         try:
             await conn.execute(Q.idle_lock)
@@ -149,6 +155,3 @@ class Listener:
             log.warning("ignoring malformed NOTIFY on %s from backend pid %s (%d bytes; %d so far): "
                         "payloads are hints, only event rows are acted on",
                         n.channel, n.pid, len(n.payload), self.malformed)
-
-    async def ping(self) -> None:
-        await self._require().execute("SELECT 1")

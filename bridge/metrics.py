@@ -25,15 +25,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from .daemon import Daemon
+from .models import Delivery, Outcome
 from .redact import redact_url, safe_text
 from .settings import SettingsError, parse_host_port
-
-if TYPE_CHECKING:
-    from .deliver import Delivery, Outcome
-    from .dispatch import Daemon
 
 log = logging.getLogger("crm_bridge.metrics")
 

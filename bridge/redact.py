@@ -177,3 +177,18 @@ def safe_text(text: str | None, limit: int | None = None, *, keep: str = "\t") -
     while out and size + len(ELLIPSIS) > limit:
         size -= len(out.pop())
     return "".join(out) + ELLIPSIS if limit >= len(ELLIPSIS) else ""
+
+
+def clean_text(text: str | None, secrets: Iterable[str] = (), limit: int | None = None, *,
+               keep: str = "\t") -> str:
+    """The one way an error text from outside is made fit to store, log or print: credentials
+    scrubbed (:func:`scrub`, with ``secrets``) *before* it is cut to ``limit`` (:func:`safe_text`),
+    so that a cut never leaves half a secret behind."""
+    return safe_text(scrub(text or "", secrets), limit, keep=keep)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``ClassName: message`` (or the class name alone): the one place an exception's class name
+    is put in front of its text, so that no message names two classes."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -21,23 +21,20 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import anyio
 import psycopg
 from psycopg.rows import dict_row
 
+from .daemon import Daemon
 from .listen import CONNECT_KWARGS
 from .metrics import MAX_URL_LABELS, Metrics, Snapshot
 from .migrate import latest_version
-from .redact import safe_text, scrub
+from .models import Delivery, Outcome
+from .redact import clean_text
 from .sdnotify import Notifier
 from .settings import Settings
 from .sqlfiles import Q
-
-if TYPE_CHECKING:
-    from .deliver import Delivery, Outcome
-    from .dispatch import Daemon
 
 log = logging.getLogger("crm_bridge.service")
 
@@ -77,9 +74,12 @@ def status_line(snapshot: Snapshot | None, rate: float, healthy: bool) -> str:
 
 
 class Service:
-    def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
-        self.s = settings
-        self.notifier = notifier or Notifier()
+    """The process around one Daemon: its hooks (on_ready, on_outcome) feed systemd and the
+    metrics; run() pings the watchdog and refreshes STATUS= and the metrics' database numbers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.notifier = Notifier()
         self.metrics = Metrics() if settings.metrics_addr else None
         self.daemon: Daemon | None = None
         self.snapshot: Snapshot | None = None
@@ -115,7 +115,7 @@ class Service:
         self.daemon = daemon
         if self.metrics is not None:
             self.metrics.daemon = daemon
-            host, port = self.metrics.serve(self.s.metrics_addr, probes=self)
+            host, port = self.metrics.serve(self.settings.metrics_addr, probes=self)
             shown = f"[{host}]" if ":" in host else host
             log.info("serving Prometheus metrics on http://%s:%d/metrics (probes: /healthz, /readyz)",
                      shown, port)
@@ -146,14 +146,14 @@ class Service:
         if self._stopping:
             return True  # the main loop has ended on purpose; TimeoutStopSec governs now
         # A loop waiting for free delivery slots is not stuck: each call has its own timeout.
-        return d.loop_stalled() < self.stall_limit() or d.held >= self.s.concurrency
+        return d.loop_stalled() < self.stall_limit() or d.held >= self.settings.concurrency
 
     def stall_limit(self) -> float:
         """How long the main loop may go without a turn before it counts as stuck: twice the poll
         interval plus 5 s (9 s by default), or WatchdogSec when that is longer.  Deliberate
         back-off after a database error (and the reconnect after it) does not count."""
         watchdog = self.notifier.watchdog_interval or 0.0
-        return max(watchdog, 2 * self.s.poll_interval + 5.0)
+        return max(watchdog, 2 * self.settings.poll_interval + 5.0)
 
     def health(self) -> tuple[bool, str]:
         """/healthz: the process is up and its main loop turns (the database is readiness's)."""
@@ -220,7 +220,7 @@ class Service:
         try:
             while True:
                 try:
-                    with anyio.fail_after(max(self.s.status_interval, 5.0)):
+                    with anyio.fail_after(max(self.settings.status_interval, 5.0)):
                         if conn is None or conn.closed:
                             conn = await self._connect()
                         self.snapshot = await take_snapshot(conn, urls=self.metrics is not None)
@@ -233,8 +233,8 @@ class Service:
                         self._schema_warned = True
                         log.warning("status views missing (%s): run `crm-bridge migrate`", str(exc).strip())
                 except (psycopg.Error, TimeoutError) as exc:
-                    why = "timed out" if isinstance(exc, TimeoutError) else f"failed: {scrub(str(exc).strip())}"
-                    self._status_error = safe_text(f"database status query {why}", 300)
+                    why = "timed out" if isinstance(exc, TimeoutError) else f"failed: {str(exc).strip()}"
+                    self._status_error = clean_text(f"database status query {why}", limit=300)
                     log.debug("status query failed: %s", exc)
                     if conn is not None:
                         await conn.close()
@@ -245,7 +245,7 @@ class Service:
                 last = (now, delivered)
                 if not self._stopping:
                     self.notifier.status(status_line(self.snapshot, self.rate, self.daemon.healthy))
-                await anyio.sleep(self.s.status_interval)
+                await anyio.sleep(self.settings.status_interval)
         finally:
             if conn is not None:
                 with anyio.CancelScope(shield=True):
@@ -253,7 +253,7 @@ class Service:
 
     async def _connect(self) -> psycopg.AsyncConnection:
         conn = await psycopg.AsyncConnection.connect(
-            self.s.dsn, autocommit=True, application_name="crm-bridge status", connect_timeout=5)
+            self.settings.dsn, autocommit=True, application_name="crm-bridge status", connect_timeout=5)
         await conn.execute(Q.status_session, {"timeout": "5s"})
         # One snapshot per refresh: the totals and the per-URL numbers must agree.
         await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)

@@ -1,4 +1,9 @@
-"""The one settings object: command-line flags > environment (CRM_BRIDGE_*) > TOML file > defaults."""
+"""The one settings object: command-line flags > environment (CRM_BRIDGE_*) > TOML file > defaults.
+
+Every command builds its settings here (Settings.load), the connection string included; an empty
+environment variable counts as not set.  Per-URL settings follow one rule, written once below
+(Settings.url_*): the URL's own value in crm_trigger, else this daemon's default.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,18 @@ import dataclasses
 import os
 import socket
 import tomllib
-from collections.abc import Mapping
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import httpx
+
+from .http import DEFAULT_DENY, AddressPolicy, make_client, parse_networks, policy_from, ssl_context
+from .logs import LEVELS
+from .models import Delivery
+from .redact import clean_text
 
 # Standard Webhooks' schedule: after the first attempt, retry after 5 s, 5 min, 30 min, 2 h,
 # 5 h, 10 h, 10 h (8 attempts in all).
@@ -41,7 +54,7 @@ class Settings:
     max_in_flight_per_url: int = 32       # per-URL: crm_trigger.max_in_flight
     follow_redirects: bool = False
     ca_bundle: str = ""                   # extra CA file for internal CAs; system CAs otherwise
-    deny_cidrs: tuple[str, ...] = ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128")
+    deny_cidrs: tuple[str, ...] = DEFAULT_DENY
     allow_cidrs: tuple[str, ...] = ()
     # Non-public ranges (http.NON_PUBLIC: loopback, RFC 1918, 100.64/10, fc00::/7, ...) that a
     # redirect to another origin may lead to; by default such a redirect is refused.
@@ -64,10 +77,41 @@ class Settings:
     def heartbeat_interval(self) -> float:
         return max(self.lease / 3.0, 0.05)
 
+    # -- per URL: the URL's own value (crm_trigger; NULL or 0: not set), else this default ----
+    def url_timeout(self, d: Delivery) -> float:
+        """Seconds one attempt may take (crm_trigger.timeout_ms, else ``timeout``)."""
+        return d.timeout_ms / 1000.0 if d.timeout_ms else self.timeout
+
+    def url_follow_redirects(self, d: Delivery) -> bool:
+        return self.follow_redirects if d.follow_redirects is None else d.follow_redirects
+
+    def url_max_attempts(self, d: Delivery) -> int:
+        return d.max_attempts or self.max_attempts
+
+    def url_retry_schedule(self, d: Delivery) -> Sequence[float]:
+        return d.retry_schedule or self.retry_schedule
+
+    def url_max_in_flight(self, d: Delivery) -> int:
+        """Requests one URL may have running in this daemon (daemon_claim_due applies the same rule
+        in SQL to the default it is given: coalesce(max_in_flight, default_limit))."""
+        return d.max_in_flight or self.max_in_flight_per_url
+
+    # -- what the daemon builds from them -------------------------------------------------
+    def address_policy(self) -> AddressPolicy:
+        """The daemon's address policy (also what `crm-bridge check` holds hosts against)."""
+        return policy_from(self.deny_cidrs, self.allow_cidrs, self.redirect_allow_cidrs)
+
+    def http_client(self) -> httpx.AsyncClient:
+        """The client ``crm-bridge run`` uses."""
+        return make_client(policy=self.address_policy(), verify=ssl_context(self.ca_bundle), timeout=self.timeout)
+
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
-             config_file: str | Path | None = None) -> Settings:
+             config_file: str | Path | None = None, *, sources: dict[str, str] | None = None) -> Settings:
+        """The settings from ``flags``, ``env`` and the config file.  ``sources``, when given, is
+        filled with where each value that was given came from ("--dsn", "environment variable
+        CRM_BRIDGE_DSN", "config file PATH"), for messages."""
         env = os.environ if env is None else env
         flags = {k: v for k, v in (flags or {}).items() if v is not None}
         values: dict[str, Any] = {}
@@ -79,7 +123,7 @@ class Settings:
         known = {f.name for f in fields(cls)}
         for name in known:
             key = f"CRM_BRIDGE_{name.upper()}"
-            if key in env:
+            if env.get(key):   # empty: not set (a unit's `Environment=CRM_BRIDGE_DSN=` keeps the file's)
                 values[name], origin[name] = env[key], f"environment variable {key}"
         unknown = set(flags) - known
         if unknown:
@@ -90,6 +134,8 @@ class Settings:
         for f in fields(cls):
             if f.name in values:
                 setattr(settings, f.name, _coerce(f, values[f.name], origin[f.name]))
+        if sources is not None:
+            sources.update(origin)
         settings.validate()
         return settings
 
@@ -105,12 +151,10 @@ class Settings:
             raise SettingsError(f"retry_jitter must be in [0, 1) (got {self.retry_jitter})")
         if self.log_format not in ("text", "json"):
             raise SettingsError(f"log_format must be text or json (got {self.log_format!r})")
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise SettingsError(f"log_level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level!r})")
+        if self.log_level.upper() not in LEVELS:
+            raise SettingsError(f"log_level must be {', '.join(LEVELS[:-1])} or {LEVELS[-1]} (got {self.log_level!r})")
         if self.grace < 0 or self.retention_days <= 0:
             raise SettingsError("grace must be >= 0 and retention_days > 0")
-        from .http import parse_networks, ssl_context
-
         for name in ("deny_cidrs", "allow_cidrs", "redirect_allow_cidrs"):
             try:
                 parse_networks(getattr(self, name))
@@ -136,9 +180,7 @@ def db_error_text(exc: BaseException) -> str:
     """A connection or database error for people: no password fragments (libpq quotes pieces of a
     connection string it cannot parse), no control characters, and what to do when the
     connection string itself is malformed."""
-    from .redact import safe_text, scrub
-
-    text = safe_text(scrub(" ".join(str(exc).split())), 2000)
+    text = clean_text(" ".join(str(exc).split()), limit=2000)
     if any(marker in text for marker in _CONNINFO_SYNTAX):
         text = (f"{text} (check the connection string given by --dsn, CRM_BRIDGE_DSN or the dsn setting: "
                 "key=value pairs, with values that contain spaces quoted as password='a b', "
@@ -187,38 +229,29 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _coerce(f: dataclasses.Field[Any], value: Any, origin: str = "") -> Any:
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    """``value`` (text from the environment, a TOML value, a flag) as the field's declared type."""
+    kind = typing.get_type_hints(Settings)[f.name]
     try:
-        if isinstance(default, bool):
+        if kind is bool:
             if isinstance(value, str):
                 if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                     raise ValueError(value)
                 return value.lower() in ("1", "true", "yes", "on")
             return bool(value)
-        if isinstance(default, tuple):
+        if typing.get_origin(kind) is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
             items = [i.strip() if isinstance(i, str) else i for i in items]
-            items = [i for i in items if i != ""]
-            if (default and isinstance(default[0], float)) or f.name == "retry_schedule":
-                return tuple(float(i) for i in items)
-            return tuple(str(i) for i in items)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, int):
-            return int(value)
-        return str(value)
+            item = typing.get_args(kind)[0]
+            return tuple(item(i) for i in items if i != "")
+        return kind(value)
     except (TypeError, ValueError):
         where = f"{origin}: " if origin else ""
-        raise SettingsError(f"{where}invalid value {value!r} for {f.name} (expected {_kind(default)})") from None
+        raise SettingsError(f"{where}invalid value {value!r} for {f.name} (expected {_kind(kind)})") from None
 
 
-def _kind(default: Any) -> str:
-    if isinstance(default, bool):
+def _kind(kind: Any) -> str:
+    if kind is bool:
         return "true or false"
-    if isinstance(default, tuple):
-        return "a comma-separated list" + (" of numbers" if default and isinstance(default[0], float) else "")
-    if isinstance(default, float):
-        return "a number"
-    if isinstance(default, int):
-        return "an integer"
-    return "a string"
+    if typing.get_origin(kind) is tuple:
+        return "a comma-separated list" + (" of numbers" if typing.get_args(kind)[0] is float else "")
+    return {float: "a number", int: "an integer"}.get(kind, "a string")

@@ -1,4 +1,4 @@
-"""Building the call URL: ``<url>?AccountID=aaa&CaseID=ccc`` byte-exact as the seed sends it."""
+"""Building the call URL: ``<url>?AccountID=aaa&CaseID=ccc`` byte-exact, as the README's first table shows."""
 
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ def query_string(params: Sequence[str], values: Sequence[str | None]) -> str:
     return "&".join(f"{p}={quote(str(v), safe='')}" for p, v in zip(params, values, strict=True))
 
 
+def query_prefix(base: str) -> str:
+    """The configured URL ready for the IDs: ``?`` appended, or ``&`` when it already has a query
+    string (nothing when it ends in ``?`` or ``&``)."""
+    return base + ("" if base.endswith(("?", "&")) else "&" if "?" in base else "?")
+
+
 def call_url(base: str, params: Sequence[str], values: Sequence[str | None]) -> str:
-    """Append the IDs to the configured URL, with ``&`` when it already has a query string."""
-    qs = query_string(params, values)
-    if "?" not in base:
-        return f"{base}?{qs}"
-    if base.endswith(("?", "&")):
-        return base + qs
-    return f"{base}&{qs}"
+    """Append the IDs to the configured URL (query_prefix)."""
+    return query_prefix(base) + query_string(params, values)

@@ -48,6 +48,24 @@ def test_without_a_dsn_the_error_says_where_it_looked(tmp_path):
     assert "dbname=fromfile" in proc.stderr
 
 
+@pytest.mark.parametrize("command", [["migrate"], ["replay", "--all", "--dry-run"], ["purge", "--all", "--dry-run"],
+                                     ["retry-now", "--all", "--dry-run"], ["status"], ["check"]])
+def test_every_command_connects_with_the_dsn_of_the_config_file(db, tmp_path, command):
+    """The DSN is resolved in one place (Settings.load) for every command: a `dsn` in the TOML
+    file is used, and an empty CRM_BRIDGE_DSN (a unit's `Environment=CRM_BRIDGE_DSN=`) does not
+    hide it."""
+    toml = tmp_path / "c.toml"
+    toml.write_text(f"dsn = {db.dsn!r}\n".replace("'", '"'))
+    # libpq's own defaults lead nowhere: only the file's DSN reaches the database.
+    nowhere = {"PGHOST": "127.0.0.1", "PGPORT": "1"}
+    for env in ({"CRM_BRIDGE_CONFIG": str(toml)}, {"CRM_BRIDGE_CONFIG": str(toml), "CRM_BRIDGE_DSN": ""}):
+        proc = run_cli(*command, env={**nowhere, **env})
+        assert proc.returncode in (0, 1), (command, env, proc.stderr)   # check/status: 1 = attention
+        assert "cannot connect" not in proc.stderr, (command, env, proc.stderr)
+    proc = run_cli(*command, "--dsn", "", env={**nowhere, "CRM_BRIDGE_CONFIG": str(toml)})
+    assert "cannot connect" not in proc.stderr, (command, proc.stderr)
+
+
 def test_help_texts():
     top = run_cli("--help").stdout
     assert "``" not in top and "before or after the command" in top

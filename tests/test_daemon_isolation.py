@@ -12,8 +12,8 @@ import socket
 import psycopg
 import pytest
 
+from bridge.daemon import Daemon
 from bridge.devtools.receiver import Rule
-from bridge.dispatch import Daemon
 from bridge.settings import Settings
 
 

@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from bridge.calls import build_call, make_call, plan_for
-from bridge.deliver import Delivery, RetryPolicy, attempt
+from bridge.deliver import RetryPolicy, attempt
 from bridge.devtools.receiver import Rule
 from bridge.http import make_client
+from bridge.models import Delivery
 from bridge.settings import Settings
 from bridge.urls import call_url
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
 from bridge.calls import CallConfigError, build_call, compact_json
-from bridge.deliver import Delivery
-from bridge.dispatch import Daemon
+from bridge.daemon import Daemon
+from bridge.models import Delivery
 from bridge.settings import Settings
 
 DEEP = 3000

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from fixtures.factories import make_delivery
 
-from bridge.deliver import Delivery, RetryPolicy, _retry_after
+from bridge.deliver import RetryPolicy, _retry_after
+from bridge.models import Delivery
 from bridge.settings import DEFAULT_RETRY_SCHEDULE, Settings
 
 

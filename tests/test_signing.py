@@ -118,6 +118,7 @@ def test_every_configuration_change_of_a_url_makes_a_new_plan_and_an_unchanged_o
     from datetime import UTC, datetime
 
     from bridge.calls import build_call, plan_for
+
     first, second = ("whsec_" + base64.b64encode(os.urandom(24)).decode() for _ in range(2))
 
     def delivery(**config):

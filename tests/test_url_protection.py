@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from test_metrics import FAST_STATUS, metrics_url, scrape_until
 
+from bridge.daemon import rate_bucket
 from bridge.devtools.receiver import Receiver, Rule
-from bridge.dispatch import rate_bucket
 
 
 def cli(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -3,7 +3,7 @@
 -- crm_trigger.batch_max (NULL or 1: one call per request, as before; 2..1000, POST URLs only):
 -- the daemon sends up to that many calls of the URL in ONE request whose body is a JSON array of
 -- the single-call bodies, signed once over the whole body, with one Idempotency-Key / webhook-id
--- per batch.  The grouping is the daemon's (bridge/dispatch.py); the database only validates the
+-- per batch.  The grouping is the daemon's (bridge/daemon.py); the database only validates the
 -- column and hands it to the daemon with the URL's other settings:
 --
 --   * crm_trigger.batch_max + its validation (a BEFORE trigger that names the column);

@@ -39,10 +39,10 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from .calls import batch_key, batch_limit, call_secrets
-from .deliver import Delivery, Outcome, RetryPolicy, attempt, attempt_batch
-from .http import client_for
+from .deliver import RetryPolicy, attempt, attempt_batch
 from .listen import CHANNEL, CONNECT_KWARGS, Listener
-from .redact import safe_text, scrub
+from .models import Delivery, Outcome
+from .redact import clean_text, describe_exception, safe_text
 from .settings import Settings
 from .sqlfiles import Q
 
@@ -84,19 +84,13 @@ def _storable(text: str | None) -> str | None:
 
 @dataclass
 class Stats:
+    """Counters of this daemon's work (read by the STATUS= line, the metrics and the stop log line)."""
+
     delivered: int = 0
     failed_attempts: int = 0
     dead: int = 0
-    unrouted: int = 0
     db_errors: int = 0
     reconnects: int = 0
-    started: float = field(default_factory=time.monotonic)
-    latencies: list[float] = field(default_factory=list)   # event created -> 2xx, seconds (bounded)
-
-    def record_latency(self, seconds: float) -> None:
-        if len(self.latencies) >= 10000:
-            self.latencies = self.latencies[5000:]
-        self.latencies.append(seconds)
 
 
 # The columns of a claimed row that are the URL's settings rather than the call's.
@@ -174,12 +168,8 @@ async def _first_error_unwrapped() -> AsyncIterator[None]:
 
 
 async def _configure_connection(conn: psycopg.AsyncConnection) -> None:
-    # The claim statements are small but look expensive to the planner (CTEs, window
-    # functions, sub-plans): JIT compilation would add ~1 s to each of them, and planning them
-    # afresh for every call (a custom plan per parameter set) cost ~1.3 ms of the server's CPU
-    # per claim (measured): their generic plans are as good, whatever the batch size.
-    await conn.execute("SET jit = off")
-    await conn.execute("SET plan_cache_mode = force_generic_plan")
+    # Planner settings for the claim statements (why: sql/queries.sql, daemon_session).
+    await conn.execute(Q.daemon_session)
     conn.add_notice_handler(_log_breaker_notice)
 
 
@@ -192,7 +182,7 @@ def _log_breaker_notice(diag: psycopg.errors.Diagnostic) -> None:
     text = diag.message_primary or ""
     if not text.startswith(BREAKER_NOTICE):
         return
-    text = safe_text(scrub(text[len(BREAKER_NOTICE):]), MAX_REASON_LEN)
+    text = clean_text(text[len(BREAKER_NOTICE):], limit=MAX_REASON_LEN)
     if diag.message_detail == "open":
         log.warning("circuit breaker: %s", text)
     else:
@@ -200,16 +190,34 @@ def _log_breaker_notice(diag: psycopg.errors.Diagnostic) -> None:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, *, client: httpx.AsyncClient | None = None,
-                 on_ready: Callable[[], None] | None = None,
+    """``crm-bridge run``: claims the outbox's events and the queue's due calls, sends them, and
+    records every outcome -- at least once, however the process ends.
+
+    Contract:
+
+    * every call it claims is recorded (delivered, pending again, dead) or given back: on SIGTERM
+      (stop()) it stops claiming, gives in-flight calls ``grace`` seconds, records what finished
+      and releases the rest; if it dies instead, its leases expire and another daemon (or its own
+      next start, release_previous) takes the calls again;
+    * it writes only through the crm_bridge.daemon_* functions (sql/queries.sql);
+    * a row it cannot work with becomes one dead letter with the reason, never a dead daemon; a
+      database error backs off and retries (``healthy`` is False while the database is gone);
+    * it never holds more than ``concurrency`` calls, nor more requests of one URL than the URL's
+      max_in_flight, and it respects the URL's rate limit and circuit breaker (claimed from the
+      database, plus this daemon's own copy of the breaker: _Breaker).
+
+    ``on_ready`` is called once it listens; ``on_outcome`` after every finished call (metrics).
+    """
+
+    def __init__(self, settings: Settings, *, on_ready: Callable[[], None] | None = None,
                  on_outcome: Callable[[Delivery, Outcome], None] | None = None) -> None:
-        self.s = settings
+        self.settings = settings
         # Rows are claimed under a name unique to this start (a restarted container gets the same
         # host name and pid): heartbeats can then never keep a predecessor's rows alive.
         self.worker = f"{settings.worker_id}/{secrets.token_hex(4)}"
         self.policy = RetryPolicy(settings)
         self.stats = Stats()
-        self._client = client
+        self._client: httpx.AsyncClient | None = None   # made by run()
         self._on_ready = on_ready
         self._on_outcome = on_outcome   # metrics (bridge/service.py)
         self._listener = Listener(settings.dsn)
@@ -265,10 +273,8 @@ class Daemon:
         return max(0.0, time.monotonic() - max(self.loop_tick, self._resting_until))
 
     async def run(self) -> None:
-        s = self.s
-        own_client = self._client is None
-        client = self._client or client_for(s)
-        self._client = client
+        s = self.settings
+        client = self._client = s.http_client()
         self._sendq, self._senders, self._idle_senders = asyncio.Queue(), 0, 0
         self._pool = AsyncConnectionPool(
             s.dsn, min_size=2, max_size=6, open=False, name="crm-bridge",
@@ -307,8 +313,7 @@ class Daemon:
             with anyio.CancelScope(shield=True):
                 await self._listener.close()
                 await self._pool.close()
-                if own_client:
-                    await client.aclose()
+                await client.aclose()
         log.info("stopped: %d delivered, %d dead, %d failed attempts", self.stats.delivered,
                  self.stats.dead, self.stats.failed_attempts)
 
@@ -346,7 +351,7 @@ class Daemon:
                 # (a BaseException) still propagates.
                 error_backoff = min(max(backoff, 1.0) * 2, MAX_ERROR_BACKOFF)
                 log.error("unexpected error in the main loop; retrying in %.0f s: %s", error_backoff,
-                          safe_text(scrub("".join(traceback.format_exception(exc))), 4000, keep="\t\n"))
+                          clean_text("".join(traceback.format_exception(exc)), limit=4000, keep="\t\n"))
                 self._resting_until = time.monotonic() + error_backoff
                 await self._sleep_or_stop(error_backoff)
                 backoff = error_backoff
@@ -361,7 +366,7 @@ class Daemon:
         if self._held >= self._max_held() or (
                 self._held and self._max_held() - self._held < self._max_held() * CLAIM_MIN_ROOM):
             self._capacity = anyio.Event()
-            with anyio.move_on_after(self.s.poll_interval):  # keep the loop (and watchdog) ticking
+            with anyio.move_on_after(self.settings.poll_interval):  # keep the loop (and watchdog) ticking
                 await self._capacity.wait()
             return
         if self._linger:
@@ -387,10 +392,10 @@ class Daemon:
             await self._wait(min(self._contended, self._idle_timeout()))
 
     def _max_held(self) -> int:
-        return self.s.concurrency
+        return self.settings.concurrency
 
     def _idle_timeout(self) -> float:
-        return max(0.0, min(self.s.poll_interval, self._next_due - time.monotonic()))
+        return max(0.0, min(self.settings.poll_interval, self._next_due - time.monotonic()))
 
     async def _wait(self, seconds: float) -> None:
         """Wait for a NOTIFY, a local wake-up (retry due, stop) or the timeout."""
@@ -425,18 +430,18 @@ class Daemon:
             if held:
                 ids.append(tid)
                 # Slots count requests; a batching URL's request carries up to batch_max calls.
-                limit = self._url_limit.get(tid, self.s.max_in_flight_per_url) * self._url_batch.get(tid, 1)
+                limit = self._url_limit[tid] * self._url_batch.get(tid, 1)
                 free.append(max(limit - held, 0))
         return ids, free
 
     def _claim_params(self, batch: int) -> dict:
-        return {"batch": batch, "bulk_records": batch, "lease": timedelta(seconds=self.s.lease),
+        return {"batch": batch, "bulk_records": batch, "lease": timedelta(seconds=self.settings.lease),
                 "worker": self.worker, "only": None}
 
     def _due_params(self, batch: int) -> dict:
         busy_ids, busy_free = self._busy_arrays()
-        return {"batch": batch, "lease": timedelta(seconds=self.s.lease), "worker": self.worker,
-                "busy_ids": busy_ids, "busy_free": busy_free, "default_limit": self.s.max_in_flight_per_url}
+        return {"batch": batch, "lease": timedelta(seconds=self.settings.lease), "worker": self.worker,
+                "busy_ids": busy_ids, "busy_free": busy_free, "default_limit": self.settings.max_in_flight_per_url}
 
     async def _dispatch(self, conn: psycopg.AsyncConnection, params: dict) -> list[dict]:
         """Dispatch a batch of events.  When the batch fails as a whole for a reason other than a
@@ -468,7 +473,7 @@ class Daemon:
                 continue
             self._last_dispatched = time.monotonic()
             if rows:  # one row of counts per call: add them up on the first row
-                for key in ("n_events", "n_pending", "n_unrouted"):
+                for key in ("n_events", "n_pending"):
                     rows[0][key] += got[0][key]
                 rows += [r for r in got if r["id"] is not None]
             else:
@@ -478,7 +483,7 @@ class Daemon:
         for event_id, reason in failed:
             log.error("event %d cannot be dispatched, moved to the dead letters: %s", event_id, reason)
             await cur.execute(Q.quarantine_event, {"event_id": event_id, "error": _storable(reason)})
-        return rows or [{"n_events": 0, "n_pending": 0, "n_unrouted": 0, "id": None}]
+        return rows or [{"n_events": 0, "n_pending": 0, "id": None}]
 
     async def _drain_once(self, tg: TaskGroup) -> bool:
         """Claim new events, then due retries.  True when anything was claimed."""
@@ -486,19 +491,18 @@ class Daemon:
         room = self._max_held() - self._held
         if room <= 0:
             return True
-        params = self._claim_params(min(self.s.batch_size, room))
+        params = self._claim_params(min(self.settings.batch_size, room))
         async with self._pool.connection() as conn:
             rows = await self._dispatch(conn, params)
             events, pending = rows[0]["n_events"], rows[0]["n_pending"]
-            self.stats.unrouted += rows[0]["n_unrouted"]
             rows = [{k: v for k, v in r.items() if not k.startswith("n_")} for r in rows if r["id"] is not None]
             await self._spawn(conn, tg, rows)
             due = []
             if pending or time.monotonic() >= self._next_due:
-                params = self._due_params(max(min(self.s.batch_size, self._max_held() - self._held), 0))
+                params = self._due_params(max(min(self.settings.batch_size, self._max_held() - self._held), 0))
                 # Set before the await: a delivery finishing meanwhile may reset it to 0, and
                 # that reset must not be overwritten (a lost wake-up leaves work for the poll).
-                self._next_due = time.monotonic() + self.s.poll_interval
+                self._next_due = time.monotonic() + self.settings.poll_interval
                 if params["batch"]:
                     cur = conn.cursor(row_factory=dict_row)
                     await cur.execute(Q.claim_due, params)
@@ -512,7 +516,7 @@ class Daemon:
                 if time.monotonic() < self._rate_until:
                     # A rate-limited URL had calls handed out lately: come back as its tokens refill.
                     self._next_due = min(self._next_due, time.monotonic() + self._rate_tick)
-        self._linger = LINGER_FROM <= events < self.s.batch_size // 4
+        self._linger = LINGER_FROM <= events < self.settings.batch_size // 4
         if events or due:
             log.debug("claimed %d events (%d deliveries now, %d waiting) and %d due deliveries; holding %d",
                       events, len(rows), pending, len(due), self._held)
@@ -528,7 +532,7 @@ class Daemon:
         rate = min(rates)
         burst, refill = rate_bucket(rate)
         tick = max(RATE_TICK_SHARE * burst / refill, RATE_TICK_MIN)
-        self._rate_tick = min(tick, self.s.poll_interval)
+        self._rate_tick = min(tick, self.settings.poll_interval)
         self._rate_until = time.monotonic() + max(RATE_KEEP, 2.0 / rate)
 
     async def _spawn(self, conn: psycopg.AsyncConnection, tg: TaskGroup, rows: list[dict],
@@ -561,7 +565,7 @@ class Daemon:
             try:
                 d = Delivery.from_row(row)
             except Exception as exc:
-                await self._dead_letter_claimed(conn, row.get("id"), f"{type(exc).__name__}: {exc}", batch)
+                await self._dead_letter_claimed(conn, row.get("id"), describe_exception(exc), batch)
                 continue
             assert d.trigger_id is not None
             d.granted = granted
@@ -574,7 +578,7 @@ class Daemon:
             else:
                 self._held_ids.add(d.id)
             self._url_held[d.trigger_id] = self._url_held.get(d.trigger_id, 0) + 1
-            limit = d.max_in_flight or self.s.max_in_flight_per_url
+            limit = self.settings.url_max_in_flight(d)
             self._url_limit[d.trigger_id] = limit
             slots = self._url_slots.get(d.trigger_id)
             if slots is None:
@@ -633,19 +637,19 @@ class Daemon:
         reason = f"the claimed delivery cannot be sent: {error}"
         if not isinstance(delivery_id, int):
             log.error("a claimed row without a delivery id was skipped (its lease will expire): %s",
-                      safe_text(scrub(reason), MAX_REASON_LEN))
+                      clean_text(reason, limit=MAX_REASON_LEN))
             return
         if batch is None:
             await self._dead_letter(conn, delivery_id, reason)
             return
-        reason = safe_text(scrub(reason), MAX_REASON_LEN)
+        reason = clean_text(reason, limit=MAX_REASON_LEN)
         log.error("delivery %d is dead: %s", delivery_id, reason)
         batch.results.append((delivery_id, None, Outcome("dead", attempted=0, error=reason)))
 
     async def _dead_letter(self, conn: psycopg.AsyncConnection, delivery_id: int, reason: str) -> None:
         """Make a delivery this process holds a dead letter with the reason (scrubbed, bounded); if
         even that fails its lease expires and it is sent again later."""
-        reason = safe_text(scrub(reason), MAX_REASON_LEN)
+        reason = clean_text(reason, limit=MAX_REASON_LEN)
         try:
             await conn.execute(Q.dead_letter_outcome, {"worker": self.worker, "id": delivery_id, "error": reason})
         except psycopg.OperationalError:
@@ -668,11 +672,10 @@ class Daemon:
                       and self._stale_once(d.id)):
                     outcome = Outcome("pending", attempted=0)    # see RATE_STALE
                 else:
-                    outcome = await attempt(self._client, self.policy, d, self.s)
+                    outcome = await attempt(self._client, self.policy, d, self.settings)
                     self._note_breaker(d, outcome)
         except Exception as exc:  # attempt() never raises; if it ever did, one dead letter, not a dead daemon
-            outcome = Outcome("dead", error=safe_text(scrub(f"unexpected error: {type(exc).__name__}: {exc}",
-                                                            call_secrets(d)), MAX_REASON_LEN))
+            outcome = self._unexpected(exc, d)
         self._finish(d, outcome)
 
     async def _deliver_batch(self, ds: list[Delivery]) -> None:
@@ -688,11 +691,10 @@ class Daemon:
                     # Back to the queue without an attempt: the shared breaker decides (0015).
                     outcomes = [Outcome("pending", attempted=0) for _ in ds]
                 else:
-                    outcomes = await attempt_batch(self._client, self.policy, ds, self.s)
+                    outcomes = await attempt_batch(self._client, self.policy, ds, self.settings)
                     self._note_breaker(ds[0], outcomes[0])   # one request: one answer (0015)
         except Exception as exc:  # attempt_batch() never raises; if it ever did, dead letters, not a dead daemon
-            outcomes = [Outcome("dead", error=safe_text(scrub(f"unexpected error: {type(exc).__name__}: {exc}",
-                                                              call_secrets(ds[0])), MAX_REASON_LEN)) for _ in ds]
+            outcomes = [self._unexpected(exc, ds[0]) for _ in ds]
         counts = {"delivered": 0, "pending": 0, "dead": 0}
         for d, outcome in zip(ds, outcomes, strict=True):
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
@@ -711,6 +713,11 @@ class Daemon:
             ds[0].trigger_id, ds[0].attempts + 1, counts["delivered"], counts["pending"],
             "" if retry is None else f" in {retry:.1f} s", counts["dead"], failed.error)
 
+    @staticmethod
+    def _unexpected(exc: Exception, d: Delivery) -> Outcome:
+        return Outcome("dead", error=clean_text(f"unexpected error: {describe_exception(exc)}", call_secrets(d),
+                                                MAX_REASON_LEN))
+
     def _finish(self, d: Delivery, outcome: Outcome, *, quiet: bool = False) -> None:
         """Count, log (unless quiet: a batch logs once) and hand the outcome of one call to its
         record (with its batch row, or one by one)."""
@@ -720,7 +727,6 @@ class Daemon:
             self.stats.delivered += 1
             if not quiet:
                 log.debug("delivery %d (%s/%s) delivered in %d ms", d.id, d.object, d.event, outcome.duration_ms)
-            self.stats.record_latency(max(0.0, time.time() - d.event_created_at.timestamp()))
         elif outcome.status == "dead":
             self.stats.dead += 1
             if not quiet:
@@ -771,9 +777,9 @@ class Daemon:
         if outcome.receiver_down:
             breaker = self._breakers.setdefault(d.trigger_id, _Breaker())
             breaker.failures += 1
-            threshold = 5 if d.breaker_threshold is None else d.breaker_threshold
+            threshold, cooldown = d.breaker
             if threshold and breaker.failures >= threshold and time.monotonic() >= breaker.open_until:
-                breaker.open_until = time.monotonic() + (d.breaker_cooldown or 30.0)
+                breaker.open_until = time.monotonic() + cooldown
                 log.debug("URL %d: %d failures in a row; calls of it this daemon holds go back to the queue",
                           d.trigger_id, breaker.failures)
         elif outcome.attempted:
@@ -842,7 +848,7 @@ class Daemon:
     async def _record_batch(self, conn: psycopg.AsyncConnection, batch: _Batch) -> None:
         results = list(batch.results)
         running = list(batch.calls)
-        params = {"worker": self.worker, "batch": batch.id, "lease": timedelta(seconds=self.s.lease),
+        params = {"worker": self.worker, "batch": batch.id, "lease": timedelta(seconds=self.settings.lease),
                   "ids": [c for c, _, _ in results] + running,
                   "statuses": [o.status for _, _, o in results] + ["running"] * len(running),
                   "attempted": [o.attempted for _, _, o in results] + [0] * len(running),
@@ -871,7 +877,7 @@ class Daemon:
                       len(results) + len(running), _db_error(exc))
             try:
                 moved = await self._scalar(conn, Q.unbatch, {"worker": self.worker, "batch": batch.id,
-                                                             "lease": timedelta(seconds=self.s.lease)})
+                                                             "lease": timedelta(seconds=self.settings.lease)})
             except psycopg.OperationalError:
                 self._not_recorded(batch)
                 raise
@@ -977,15 +983,16 @@ class Daemon:
         assert self._pool is not None
         try:
             async with self._pool.connection() as conn:
-                n = await self._scalar(conn, Q.release_previous, {"base": self.s.worker_id, "worker": self.worker})
+                n = await self._scalar(conn, Q.release_previous,
+                                       {"base": self.settings.worker_id, "worker": self.worker})
         except psycopg.OperationalError:
             raise
         except psycopg.Error as exc:  # their leases expire instead
-            log.warning("could not release what an earlier process named %s held (%s)", self.s.worker_id,
+            log.warning("could not release what an earlier process named %s held (%s)", self.settings.worker_id,
                         _db_error(exc))
             return
         if n:
-            log.warning("released %d deliveries an earlier process named %s still held", n, self.s.worker_id)
+            log.warning("released %d deliveries an earlier process named %s still held", n, self.settings.worker_id)
 
     @staticmethod
     async def _scalar(conn: psycopg.AsyncConnection, query: str, params: dict | None = None) -> int:
@@ -997,14 +1004,14 @@ class Daemon:
     async def _heartbeat(self) -> None:
         assert self._pool is not None
         while True:
-            await anyio.sleep(self.s.heartbeat_interval)
+            await anyio.sleep(self.settings.heartbeat_interval)
             if not self._held_ids and not self._batches:
                 continue
             try:
                 async with self._pool.connection() as conn:
                     await conn.execute(Q.heartbeat, {"worker": self.worker, "batches": sorted(self._batches),
                                                      "ids": sorted(self._held_ids),
-                                                     "lease": timedelta(seconds=self.s.lease)})
+                                                     "lease": timedelta(seconds=self.settings.lease)})
             except psycopg.Error as exc:
                 log.warning("heartbeat failed (%s)", _db_error(exc))
 
@@ -1014,7 +1021,7 @@ class Daemon:
         first = True
         while True:
             if not first:
-                await anyio.sleep(max(self.s.lease / 2, 0.2) * random.uniform(0.8, 1.2))
+                await anyio.sleep(max(self.settings.lease / 2, 0.2) * random.uniform(0.8, 1.2))
             first = False
             try:
                 async with self._pool.connection() as conn:
@@ -1024,7 +1031,7 @@ class Daemon:
                         self._next_due = 0.0
                         self._wake.set()
                     await conn.execute(Q.cancel_orphans)
-                    if time.monotonic() - last_retention > min(self.s.retention_interval, 60.0):
+                    if time.monotonic() - last_retention > min(self.settings.retention_interval, 60.0):
                         last_retention = time.monotonic()
                         await self._rotate(conn)
             except psycopg.Error as exc:
@@ -1032,14 +1039,14 @@ class Daemon:
 
     async def _rotate(self, conn: psycopg.AsyncConnection) -> None:
         """History partitions: made ahead of time, dropped after the retention period."""
-        cur = await conn.execute(Q.rotate, {"retention": timedelta(days=self.s.retention_days)})
+        cur = await conn.execute(Q.rotate, {"retention": timedelta(days=self.settings.retention_days)})
         row = await cur.fetchone()
         result = row[0] if row else None
         if result == "busy":
             log.info("history rotation waited too long for a lock (a long query on crm_bridge.history?); "
                      "trying again later")
         elif result and result != "created 0, dropped 0":
-            log.info("history rotation: %s partitions (retention %g days)", result, self.s.retention_days)
+            log.info("history rotation: %s partitions (retention %g days)", result, self.settings.retention_days)
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         with anyio.move_on_after(seconds):
