@@ -294,14 +294,15 @@ def test_the_daemons_hot_path_keeps_its_plans_between_calls(db):
     """PostgreSQL plans a LANGUAGE sql function's query again on every call (before 18) and never
     inlines one with a SET clause: on the claim/record path that cost ~1 ms per record statement
     (note_url_stats_v1) and ~2 us per claimed call (loadable_time).  Every function the daemon runs
-    per claim, record or idle cycle is PL/pgSQL; loadable_time is inlinable (no SET clause)."""
+    per claim, record or idle cycle is PL/pgSQL; the per-row helpers are inlinable (no SET clause)."""
     per_call = ["daemon_claim", "daemon_claim_due", "daemon_record", "daemon_complete", "daemon_enter_idle",
                 "daemon_leave_idle", "daemon_heartbeat", "note_url_stats_v1", "check_statuses_v1", "retry_seconds"]
     rows = db.all("""SELECT p.proname::text, l.lanname::text FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
                       WHERE p.pronamespace = 'crm_bridge'::regnamespace AND p.proname = ANY (%s)""", (per_call,))
     assert {name for name, _ in rows} == set(per_call)
     assert [name for name, lang in rows if lang != "plpgsql"] == []
-    [(lang, config)] = db.all("""SELECT l.lanname::text, p.proconfig
-                                  FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
-                                 WHERE p.oid = 'crm_bridge.loadable_time(timestamptz)'::regprocedure""")
-    assert (lang, config) == ("sql", None)
+    inlined = ["loadable_time", "rate_burst", "rate_refill"]    # per claimed call / per limited URL
+    rows = db.all("""SELECT p.proname::text, l.lanname::text, p.proconfig
+                       FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+                      WHERE p.pronamespace = 'crm_bridge'::regnamespace AND p.proname = ANY (%s)""", (inlined,))
+    assert sorted(rows) == [(name, "sql", None) for name in sorted(inlined)]
