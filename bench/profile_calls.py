@@ -75,7 +75,8 @@ BUDGET: list[tuple[str, int, tuple[str, ...]]] = [
     ("deadline (anyio fail_after / asyncio.timeout)", 2,
      ("fail_after@anyio/_core/_tasks.py", "CancelScope.__enter__@_backends/_asyncio.py",
       "CancelScope.__exit__@_backends/_asyncio.py", "timeout@asyncio/timeouts.py",
-      "Timeout.__aenter__@asyncio/timeouts.py", "Timeout.__aexit__@asyncio/timeouts.py")),
+      "Timeout.__aenter__@asyncio/timeouts.py", "Timeout.__aexit__@asyncio/timeouts.py",
+      "deadline@bridge/aio.py", "Deadlines.enter@bridge/aio.py", "_Call.__aexit__@bridge/aio.py")),
     ("client.send (httpx + transport + aiohttp + socket writes)", 2, ("AsyncClient.send@httpx/_client.py",)),
     ("httpx cookie shims (extract_cookies)", 3, ("Cookies.extract_cookies@httpx/_models.py",)),
     ("BridgeTransport.handle_async_request", 3, ("BridgeTransport.handle_async_request@bridge/http.py",)),
@@ -124,7 +125,9 @@ def raw(rx: ReceiverProcess, count: int, source: Path = REPO) -> Raw:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         [sys.executable, "-m", "bench.rawclient", "--lib", "httpx-aiohttp", "--url", rx.url("/raw"),
-         "--count", str(count), "--concurrency", str(CONCURRENCY)],
+         "--count", str(count), "--concurrency", str(CONCURRENCY),
+         # with the daemon's GC thresholds (bridge.aio.tune_gc) where the tree has them
+         *(["--gc", "daemon"] if "--gc" in (source / "bench" / "rawclient.py").read_text() else [])],
         cwd=source, capture_output=True, text=True, timeout=max(60, count / 100))
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:

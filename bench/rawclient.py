@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from bridge.aio import tune_gc
 from bridge.http import AddressPolicy, make_client
 
 
@@ -64,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", required=True)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--concurrency", type=int, required=True)
+    p.add_argument("--gc", choices=("python", "daemon"), default="python",
+                   help="garbage-collector thresholds: Python's defaults, or the daemon's (bridge.aio.tune_gc)")
     args = p.parse_args(argv)
+    if args.gc == "daemon":
+        tune_gc()
     try:
         loopback = ipaddress.ip_address(urlsplit(args.url).hostname or "").is_loopback
     except ValueError:

@@ -38,6 +38,7 @@ from anyio.abc import TaskGroup
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from .aio import Slots
 from .calls import batch_key, batch_limit, call_secrets
 from .deliver import RetryPolicy, attempt, attempt_batch
 from .listen import CHANNEL, CONNECT_KWARGS, Listener
@@ -224,7 +225,7 @@ class Daemon:
         self._pool: AsyncConnectionPool | None = None
         self._url_held: dict[int, int] = {}     # calls of a URL running or waiting for a slot
         self._url_limit: dict[int, int] = {}
-        self._url_slots: dict[int, anyio.CapacityLimiter] = {}
+        self._url_slots: dict[int, Slots] = {}
         self._breakers: dict[int, _Breaker] = {}     # see _Breaker
         self._stale_calls: set[int] = set()           # see RATE_STALE
         self._rate_tick = math.inf      # see RATE_TICK_SHARE
@@ -582,7 +583,7 @@ class Daemon:
             self._url_limit[d.trigger_id] = limit
             slots = self._url_slots.get(d.trigger_id)
             if slots is None:
-                self._url_slots[d.trigger_id] = anyio.CapacityLimiter(limit)
+                self._url_slots[d.trigger_id] = Slots(limit)
             elif slots.total_tokens != limit:
                 slots.total_tokens = limit
             size = self._url_batch[d.trigger_id] = batch_limit(d)
