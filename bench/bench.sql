@@ -17,13 +17,16 @@ SELECT c.relname
  ORDER BY c.relname;
 
 -- name: relation_sizes
--- Size (with indexes and TOAST) and tuple counts of every table and partition in crm_bridge.
+-- Size (with indexes and TOAST) and tuple counts of every table and partition in crm_bridge; dead
+-- tuples and vacuums count those of the table's TOAST table too (a table of wide rows, such as
+-- batch, keeps most of its bytes there, and autovacuum visits it on its own).
 SELECT c.relname, pg_catalog.pg_total_relation_size(c.oid) AS bytes,
-       coalesce(s.n_live_tup, 0) AS live, coalesce(s.n_dead_tup, 0) AS dead,
-       coalesce(s.vacuum_count + s.autovacuum_count, 0) AS vacuums
+       coalesce(s.n_live_tup, 0) AS live, coalesce(s.n_dead_tup, 0) + coalesce(t.n_dead_tup, 0) AS dead,
+       coalesce(s.vacuum_count + s.autovacuum_count, 0) + coalesce(t.vacuum_count + t.autovacuum_count, 0) AS vacuums
   FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN pg_catalog.pg_stat_user_tables s ON s.relid = c.oid
+  LEFT JOIN pg_catalog.pg_stat_all_tables t ON t.relid = c.reltoastrelid
  WHERE n.nspname = 'crm_bridge' AND c.relkind IN ('r', 'p')
  ORDER BY c.relname;
 

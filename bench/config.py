@@ -36,7 +36,8 @@ class Sizes:
     # goal 8
     retention_window: float       # the daemon's retention, seconds
     retention_interval: float     # the daemon's retention_interval, seconds
-    retention_warmup: int         # events before "before" is read
+    retention_warmup: int         # events before "before" is read (at least; see the next)
+    retention_warmup_naptimes: float  # ...and the warm-up lasts at least this many autovacuum_naptimes
     retention_round: int          # events per measured round
     retention_rounds: int
     retention_settle: float       # seconds after the window before sizes are read
@@ -58,7 +59,8 @@ FULL = Sizes(
     raw_requests=20_000, backlog_events=100_000, bulk_statements=10, bulk_statement_rows=10_000, drain_limit=120.0,
     million_rows=1_000_000, million_limit=120.0, live_events=10, live_interval=0.5,
     livemax_seconds=30.0, livemax_warmup=2.0, livemax_steps=5, livemax_fallback_rate=1000.0,
-    retention_window=15.0, retention_interval=5.0, retention_warmup=100_000, retention_round=150_000,
+    retention_window=15.0, retention_interval=5.0, retention_warmup=100_000,
+    retention_warmup_naptimes=1.25, retention_round=150_000,
     retention_rounds=2, retention_settle=15.0, retention_limit=200.0,
     scaleout_events=50_000, scaleout_limit=90.0,
     batch_events=50_000, batch_rounds=2, batch_limit=90.0,
@@ -71,7 +73,8 @@ QUICK = Sizes(
     raw_requests=1_000, backlog_events=1_000, bulk_statements=10, bulk_statement_rows=100, drain_limit=5.0,
     million_rows=10_000, million_limit=4.0, live_events=3, live_interval=0.3,
     livemax_seconds=1.5, livemax_warmup=0.3, livemax_steps=2, livemax_fallback_rate=200.0,
-    retention_window=1.0, retention_interval=1.0, retention_warmup=500, retention_round=1_000,
+    retention_window=1.0, retention_interval=1.0, retention_warmup=500,
+    retention_warmup_naptimes=0.0, retention_round=1_000,
     retention_rounds=2, retention_settle=0.5, retention_limit=5.0,
     scaleout_events=1_000, scaleout_limit=5.0,
     batch_events=1_000, batch_rounds=1, batch_limit=5.0,
