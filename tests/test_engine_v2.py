@@ -306,3 +306,60 @@ def test_the_daemons_hot_path_keeps_its_plans_between_calls(db):
                        FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
                       WHERE p.pronamespace = 'crm_bridge'::regnamespace AND p.proname = ANY (%s)""", (inlined,))
     assert sorted(rows) == [(name, "sql", None) for name in sorted(inlined)]
+
+
+@pytest.mark.parametrize("table, values, columns", [
+    # a statement capture (INSERT/DELETE: one event per statement, IDs as an array of records)
+    ("crm.case", "('acc-o', 'case-o', 'x')", "(account_id, case_id, subject)"),
+    # the customer table too: its INSERT and DELETE are statement captures as well
+    ("crm.customer", "('acc-o', 'x')", "(account_id, name)"),
+])
+def test_an_ordered_call_waits_for_an_earlier_event_of_its_record_that_another_daemon_is_claiming(
+        db, dsn, table, values, columns):
+    # Two daemons claim at the same time: one holds the record's create event (claimed, not yet
+    # committed), the other claims its delete.  The delete's call must wait in the queue, not be
+    # sent ahead of the create's (ordered URLs keep commit order per record across daemons).
+    obj = "case" if table == "crm.case" else "customer"
+    if obj == "case":
+        db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-o', 'x')")
+        db.execute("DELETE FROM crm_bridge.event")
+    for event in ("create", "delete"):
+        db.add_url(obj, event, "http://127.0.0.1:9/ord", ordered=True)
+    db.execute(f"INSERT INTO {table} {columns} VALUES {values}")
+    db.execute(f"DELETE FROM {table} WHERE account_id = 'acc-o'" + (" AND case_id = 'case-o'" if obj == "case" else ""))
+    assert db.one("SELECT count(*) FROM crm_bridge.event") == 2
+    with psycopg.connect(dsn) as first:   # a transaction: holds the create event it claimed
+        got = first.execute("SELECT id, n_pending FROM crm_bridge.daemon_claim(1, 1, '1 min', 'w-first')").fetchall()
+        assert len([r for r in got if r[0] is not None]) == 1    # the create call, held by the first daemon
+        second = db.all("SELECT id, event, n_pending FROM crm_bridge.daemon_claim(10, 10, '1 min', 'w-second')")
+        assert [r[0] for r in second if r[0] is not None] == []   # the delete is not handed out...
+        assert second[0][2] == 1                                 # ...it waits in the queue
+        first.rollback()
+
+
+def test_a_due_ordered_call_waits_for_an_earlier_event_of_its_record_that_another_daemon_is_claiming(db, dsn):
+    # The same rule in daemon_claim_due: a queued call of an ordered URL (a retry, say) is not
+    # handed out while an earlier event of its record is still being claimed by another daemon,
+    # whatever the shape of that event's IDs (a one-record statement capture: {{acc,case}}).
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-o', 'x')")
+    db.execute("DELETE FROM crm_bridge.event")
+    tid = db.add_url("case", "create", "http://127.0.0.1:9/ord", ordered=True)
+    db.execute("INSERT INTO crm.case (account_id, case_id, subject) VALUES ('acc-o', 'case-o', 'x')")
+    event_id = db.one("SELECT id FROM crm_bridge.event")
+    assert db.one("SELECT ids::text FROM crm_bridge.event") == "{{acc-o,case-o}}"
+    # A later call of the same record, due in the queue.
+    db.execute("""INSERT INTO crm_bridge.queue (id, event_id, object, event, ids, event_created_at, trigger_id, url,
+                                               record_key, ordered, status, next_attempt_at)
+                  SELECT nextval('crm_bridge.call_id_seq'), %(e)s + 1, 'case', 'create', ARRAY['acc-o', 'case-o'],
+                         now(), %(t)s, 'http://127.0.0.1:9/ord', crm_bridge.record_key(ARRAY['acc-o', 'case-o']),
+                         true, 'pending', now() - interval '1 second'""", {"e": event_id, "t": tid})
+    with psycopg.connect(dsn) as first:
+        got = first.execute("SELECT id FROM crm_bridge.daemon_claim(10, 10, '1 min', 'w-first')").fetchall()
+        assert len([r for r in got if r[0] is not None]) == 0     # the create: queued behind... nothing
+        due = db.all("SELECT id FROM crm_bridge.daemon_claim_due(10, '1 min', 'w-second', '{}', '{}', 32)")
+        assert due == []
+        first.rollback()
+    # Once the earlier event is gone from the outbox, the call is handed out.
+    db.execute("DELETE FROM crm_bridge.event")
+    due = db.all("SELECT id FROM crm_bridge.daemon_claim_due(10, '1 min', 'w-second', '{}', '{}', 32)")
+    assert len(due) == 1
