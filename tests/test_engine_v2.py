@@ -363,3 +363,16 @@ def test_a_due_ordered_call_waits_for_an_earlier_event_of_its_record_that_anothe
     db.execute("DELETE FROM crm_bridge.event")
     due = db.all("SELECT id FROM crm_bridge.daemon_claim_due(10, '1 min', 'w-second', '{}', '{}', 32)")
     assert len(due) == 1
+
+
+def test_an_event_moved_to_the_dead_letters_keeps_the_key_of_its_record(db):
+    # A one-record statement capture holds its IDs as {{acc,case}}; once it is quarantined (it
+    # could not be claimed even alone), its dead letter must carry the record's IDs and key, the
+    # ones every other call of the record has, so that "what happened to this record?" finds it.
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-q', 'x')")
+    db.execute("INSERT INTO crm.case (account_id, case_id, subject) VALUES ('acc-q', 'case-q', 'x')")
+    event_id = db.one("SELECT id FROM crm_bridge.event WHERE object = 'case'")
+    assert db.one("SELECT crm_bridge.daemon_quarantine_event(%s, 'broken')", [event_id]) is True
+    ids, key = db.all("SELECT ids, record_key FROM crm_bridge.queue WHERE event_id = %s", [event_id])[0]
+    assert ids == ["acc-q", "case-q"]
+    assert key == db.one("SELECT crm_bridge.record_key(ARRAY['acc-q', 'case-q'])")

@@ -1,5 +1,6 @@
--- 0018: an ordered URL's call waits for an earlier event of its record that another daemon is
--- claiming, also when that event is a one-record statement capture.
+-- 0018: a one-record statement capture's IDs, `{{acc,case}}`, are the record's IDs `{acc,case}`
+-- wherever an event is compared with a record: an ordered URL's call waits for such an earlier
+-- event that another daemon is claiming, and a quarantined one keeps its record's key.
 --
 -- Before a call of an ordered URL goes out, daemon_claim and daemon_claim_due look for an earlier
 -- event of the same record still in the outbox (another daemon has it locked and is claiming it).
@@ -388,3 +389,32 @@ END
 $fn$;
 COMMENT ON FUNCTION crm_bridge.daemon_claim_due(integer, interval, text, bigint[], integer[], integer) IS
     'Daemon only: claim due queued calls; coordinated URLs (rate limit, max_in_flight, breaker) as their shared state allows';
+
+-- The same mismatch in daemon_quarantine_event (an event that cannot be claimed even alone goes to
+-- the dead letters): it stored a one-record statement capture's IDs as the record's, but took the
+-- record key from the one-row array, md5('{{acc,case}}'), which no other call of the record has,
+-- so crm_bridge.record_key(ARRAY[...]) and `crm-bridge replay --record` did not find that dead
+-- letter.  The key is now that of the IDs it stores.
+CREATE OR REPLACE FUNCTION crm_bridge.daemon_quarantine_event(p_event_id bigint, p_error text) RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, crm_bridge, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    WITH ev AS (DELETE FROM crm_bridge.event e WHERE e.id = p_event_id RETURNING e.*),
+    rec AS (
+        SELECT ev.id, ev.object, ev.event, ev.created_at,
+               CASE WHEN pg_catalog.array_ndims(ev.ids) = 2 AND pg_catalog.array_length(ev.ids, 1) = 1
+                    THEN ARRAY(SELECT pg_catalog.unnest(ev.ids)) ELSE ev.ids END AS ids
+          FROM ev)
+    INSERT INTO crm_bridge.queue (event_id, object, event, ids, event_created_at, record_key, status,
+                                  finished_at, last_error)
+    SELECT rec.id, rec.object, rec.event, rec.ids, rec.created_at, pg_catalog.md5(rec.ids::text), 'dead', now(),
+           pg_catalog.left('could not be dispatched: ' || coalesce(p_error, 'unknown error'), 1000)
+      FROM rec;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n > 0;
+END
+$$;
