@@ -131,15 +131,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> Report:
     return report
 
 
-def code_version() -> str:
+def code_version(top: Path | None = None) -> str:
     """The commit the measured code is at (``git rev-parse HEAD``), with ``-dirty`` when the work
-    tree's bridge/, sql/ or bench/ differ from it: a figure is current only for the code it was
-    measured on."""
-    top = Path(__file__).resolve().parent.parent
+    tree's bridge/, sql/ or bench/ differ from it (a new, not yet committed migration included): a
+    figure is current only for the code it was measured on."""
+    top = top or Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", str(top), "rev-parse", "HEAD"], capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(top), "status", "--porcelain", "--untracked-files=no",
+        dirty = subprocess.run(["git", "-C", str(top), "status", "--porcelain", "--untracked-files=all",
                                 "--", "bridge", "sql", "bench"], capture_output=True, text=True, timeout=10,
                                check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
