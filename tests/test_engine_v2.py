@@ -308,14 +308,25 @@ def test_the_daemons_hot_path_keeps_its_plans_between_calls(db):
     assert sorted(rows) == [(name, "sql", None) for name in sorted(inlined)]
 
 
+def as_captured_before_0019(db) -> None:
+    """Give the outbox's one-record events the shape statement captures wrote before migration
+    0019, a two-dimensional array of one row ({{acc,case}}): such events may still be waiting
+    in an outbox when a site upgrades, and must be treated as the record's."""
+    db.execute("UPDATE crm_bridge.event SET ids = ARRAY[ids] WHERE n_records IS NULL AND array_ndims(ids) = 1")
+
+
+SHAPES = pytest.mark.parametrize("legacy", [False, True], ids=["1-D ids", "2-D ids written before 0019"])
+
+
+@SHAPES
 @pytest.mark.parametrize("table, values, columns", [
-    # a statement capture (INSERT/DELETE: one event per statement, IDs as an array of records)
+    # a statement capture (INSERT/DELETE: one event per statement)
     ("crm.case", "('acc-o', 'case-o', 'x')", "(account_id, case_id, subject)"),
     # the customer table too: its INSERT and DELETE are statement captures as well
     ("crm.customer", "('acc-o', 'x')", "(account_id, name)"),
 ])
 def test_an_ordered_call_waits_for_an_earlier_event_of_its_record_that_another_daemon_is_claiming(
-        db, dsn, table, values, columns):
+        db, dsn, table, values, columns, legacy):
     # Two daemons claim at the same time: one holds the record's create event (claimed, not yet
     # committed), the other claims its delete.  The delete's call must wait in the queue, not be
     # sent ahead of the create's (ordered URLs keep commit order per record across daemons).
@@ -328,6 +339,8 @@ def test_an_ordered_call_waits_for_an_earlier_event_of_its_record_that_another_d
     db.execute(f"INSERT INTO {table} {columns} VALUES {values}")
     db.execute(f"DELETE FROM {table} WHERE account_id = 'acc-o'" + (" AND case_id = 'case-o'" if obj == "case" else ""))
     assert db.one("SELECT count(*) FROM crm_bridge.event") == 2
+    if legacy:
+        as_captured_before_0019(db)
     with psycopg.connect(dsn) as first:   # a transaction: holds the create event it claimed
         got = first.execute("SELECT id, n_pending FROM crm_bridge.daemon_claim(1, 1, '1 min', 'w-first')").fetchall()
         assert len([r for r in got if r[0] is not None]) == 1    # the create call, held by the first daemon
@@ -337,16 +350,20 @@ def test_an_ordered_call_waits_for_an_earlier_event_of_its_record_that_another_d
         first.rollback()
 
 
-def test_a_due_ordered_call_waits_for_an_earlier_event_of_its_record_that_another_daemon_is_claiming(db, dsn):
+@SHAPES
+def test_a_due_ordered_call_waits_for_an_earlier_event_of_its_record_that_another_daemon_is_claiming(
+        db, dsn, legacy):
     # The same rule in daemon_claim_due: a queued call of an ordered URL (a retry, say) is not
     # handed out while an earlier event of its record is still being claimed by another daemon,
-    # whatever the shape of that event's IDs (a one-record statement capture: {{acc,case}}).
+    # whatever the shape of that event's IDs.
     db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-o', 'x')")
     db.execute("DELETE FROM crm_bridge.event")
     tid = db.add_url("case", "create", "http://127.0.0.1:9/ord", ordered=True)
     db.execute("INSERT INTO crm.case (account_id, case_id, subject) VALUES ('acc-o', 'case-o', 'x')")
     event_id = db.one("SELECT id FROM crm_bridge.event")
-    assert db.one("SELECT ids::text FROM crm_bridge.event") == "{{acc-o,case-o}}"
+    if legacy:
+        as_captured_before_0019(db)
+    assert db.one("SELECT ids::text FROM crm_bridge.event") == ("{{acc-o,case-o}}" if legacy else "{acc-o,case-o}")
     # A later call of the same record, due in the queue.
     db.execute("""INSERT INTO crm_bridge.queue (id, event_id, object, event, ids, event_created_at, trigger_id, url,
                                                record_key, ordered, status, next_attempt_at)
@@ -365,14 +382,68 @@ def test_a_due_ordered_call_waits_for_an_earlier_event_of_its_record_that_anothe
     assert len(due) == 1
 
 
-def test_an_event_moved_to_the_dead_letters_keeps_the_key_of_its_record(db):
-    # A one-record statement capture holds its IDs as {{acc,case}}; once it is quarantined (it
-    # could not be claimed even alone), its dead letter must carry the record's IDs and key, the
-    # ones every other call of the record has, so that "what happened to this record?" finds it.
+@SHAPES
+def test_an_event_moved_to_the_dead_letters_keeps_the_key_of_its_record(db, legacy):
+    # Once a one-record event is quarantined (it could not be claimed even alone), its dead letter
+    # must carry the record's IDs and key, the ones every other call of the record has, so that
+    # "what happened to this record?" finds it, whatever the shape of the event's IDs.
     db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('acc-q', 'x')")
     db.execute("INSERT INTO crm.case (account_id, case_id, subject) VALUES ('acc-q', 'case-q', 'x')")
+    if legacy:
+        as_captured_before_0019(db)
     event_id = db.one("SELECT id FROM crm_bridge.event WHERE object = 'case'")
     assert db.one("SELECT crm_bridge.daemon_quarantine_event(%s, 'broken')", [event_id]) is True
     ids, key = db.all("SELECT ids, record_key FROM crm_bridge.queue WHERE event_id = %s", [event_id])[0]
     assert ids == ["acc-q", "case-q"]
     assert key == db.one("SELECT crm_bridge.record_key(ARRAY['acc-q', 'case-q'])")
+
+
+def test_a_statement_of_one_record_is_captured_as_that_record_without_an_aggregate(db):
+    """Migration 0019: an INSERT or DELETE of one record (nearly every CRM write) stores the
+    record's IDs as a one-dimensional array and no n_records, the shape of a row trigger's edit
+    event; its row, when captured, is the same one-element array a bulk event's rows are."""
+    db.execute("SELECT crm_bridge.capture_rows('crm.customer')")
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('one', 'x')")
+    # what the aggregate of earlier versions stored for it, byte for byte
+    aggregated = db.one("SELECT json_agg(json_build_object('new', to_json(c.*)))::text FROM crm.customer c")
+    db.execute("INSERT INTO crm.customer (account_id, name) VALUES ('two-a', 'x'), ('two-b', 'y')")
+    db.execute("UPDATE crm.customer SET name = 'z' WHERE account_id = 'one'")
+    db.execute("DELETE FROM crm.customer WHERE account_id = 'one'")
+    got = db.all("SELECT event, ids::text, n_records, rows::text FROM crm_bridge.event ORDER BY id")
+    assert [(e, i, n) for e, i, n, _ in got] == [
+        ("create", "{one}", None), ("create", "{{two-a},{two-b}}", 2), ("edit", "{one}", None),
+        ("delete", "{one}", None)]
+    assert got[0][3] == aggregated
+    assert db.one("SELECT rows -> 0 -> 'old' ->> 'name' FROM crm_bridge.event WHERE event = 'delete'") == "z"
+
+
+def test_upgrading_from_version_18_delivers_events_of_both_shapes_alike(empty_dsn, receiver):
+    """One-record events captured before 0019 ({{acc,case}}) wait in the outbox during the upgrade;
+    after it, new ones are captured with 1-D IDs.  Both are delivered with the same query strings,
+    and every attached table got the new capture."""
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        with conn.transaction():
+            install_schema_up_to(conn, 18)
+            for obj in ("customer", "case"):
+                conn.execute("INSERT INTO crm_bridge.crm_trigger (object, event, url) VALUES (%s, 'create', %s)",
+                             [obj, receiver.url(f"/{obj}")])
+            conn.execute("INSERT INTO crm.customer (account_id, name) VALUES ('old-acc', 'x')")
+            conn.execute("INSERT INTO crm.case (account_id, case_id, subject) VALUES ('old-acc', 'old-case', 'x')")
+        assert conn.execute("SELECT ids::text FROM crm_bridge.event ORDER BY id").fetchall() == [
+            ("{{old-acc}}",), ("{{old-acc,old-case}}",)]
+        migrate(conn)
+        conn.execute("INSERT INTO crm.customer (account_id, name) VALUES ('new-acc', 'x')")
+        conn.execute("INSERT INTO crm.case (account_id, case_id, subject) VALUES ('new-acc', 'new-case', 'x')")
+        assert conn.execute("SELECT ids::text FROM crm_bridge.event WHERE id > 2 ORDER BY id").fetchall() == [
+            ("{new-acc}",), ("{new-acc,new-case}",)]
+    proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "--dsn", empty_dsn, "run"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        customers = receiver.wait_for(2, "/customer", timeout=30)
+        cases = receiver.wait_for(2, "/case", timeout=30)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert sorted(c.query for c in customers) == ["AccountID=new-acc", "AccountID=old-acc"]
+    assert sorted(c.query for c in cases) == ["AccountID=new-acc&CaseID=new-case",
+                                              "AccountID=old-acc&CaseID=old-case"]

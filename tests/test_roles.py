@@ -41,7 +41,7 @@ def test_app_role_writes_crm_rows_and_the_events_appear(db, roles):
         app.execute("INSERT INTO crm.customer (account_id, name) VALUES ('by-app', 'x')")
         app.execute("UPDATE crm.customer SET name = 'y' WHERE account_id = 'by-app'")
     assert db.all("SELECT object, event, ids, origin_role FROM crm_bridge.event ORDER BY id") == [
-        ("customer", "create", [["by-app"]], roles.app),  # statement-level capture: one row per record
+        ("customer", "create", ["by-app"], roles.app),  # statement capture of one record: its IDs
         ("customer", "edit", ["by-app"], roles.app),
     ]
 
@@ -197,4 +197,4 @@ def test_admin_role_attaches_a_table_it_may_trigger_and_app_writes_are_captured(
         app.execute("INSERT INTO public.tickets VALUES ('a1', 't1')")
         app.execute("DELETE FROM public.tickets")
     assert db.all("SELECT event, ids FROM crm_bridge.event ORDER BY id") == [
-        ("create", [["a1", "t1"]]), ("delete", [["a1", "t1"]])]
+        ("create", ["a1", "t1"]), ("delete", ["a1", "t1"])]
