@@ -30,6 +30,15 @@ SELECT c.relname, pg_catalog.pg_total_relation_size(c.oid) AS bytes,
  WHERE n.nspname = 'crm_bridge' AND c.relkind IN ('r', 'p')
  ORDER BY c.relname;
 
+-- name: outbox_fill
+-- The outbox's size and the tuples it holds that take space: live (not yet claimed) and dead
+-- (claimed; their space is reusable only once (auto)vacuum has visited the table).
+SELECT pg_catalog.pg_total_relation_size('crm_bridge.event'::pg_catalog.regclass) AS bytes,
+       coalesce(s.n_live_tup, 0) + coalesce(s.n_dead_tup, 0) AS tuples,
+       coalesce(s.vacuum_count + s.autovacuum_count, 0) AS vacuums
+  FROM pg_catalog.pg_stat_user_tables s
+ WHERE s.relid = 'crm_bridge.event'::pg_catalog.regclass;
+
 -- name: stop_daemon_backends
 -- Server processes the daemon left behind (a statement still running after the daemon was
 -- stopped keeps its backend busy until it next talks to the client): end them.

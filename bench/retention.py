@@ -21,8 +21,11 @@ there is not growth).
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from dataclasses import dataclass
+
+import psycopg
 
 from . import variants as V
 from .context import Ctx
@@ -87,6 +90,37 @@ def vacuumed(ctx: Ctx, at_end: dict[str, Rel], limit: float) -> tuple[dict[str, 
         time.sleep(1.0)
 
 
+class OutboxFill(threading.Thread):
+    """Samples the outbox every 0.5 s while a round runs, on its own connection: the most tuples it
+    held at once (live + dead: a table that is deleted from reuses the space of dead tuples only
+    after (auto)vacuum's next visit) and its largest size.  What limits goal 8 for the outbox:
+    its size follows that peak, whatever the engine does with the rows."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(daemon=True)
+        self.dsn = dsn
+        self.done = threading.Event()
+        self.tuples = 0
+        self.bytes = 0
+        self.vacuums: set[int] = set()
+
+    def run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while True:
+                row = conn.execute(BQ.outbox_fill).fetchone()
+                if row:
+                    self.bytes = max(self.bytes, int(row[0]))
+                    self.tuples = max(self.tuples, int(row[1]))
+                    self.vacuums.add(int(row[2]))
+                if self.done.wait(0.5):
+                    return
+
+    def stop(self) -> OutboxFill:
+        self.done.set()
+        self.join(10)
+        return self
+
+
 def _mb(b: int) -> str:
     return f"{b / 1048576:.2f} MB"
 
@@ -107,8 +141,11 @@ def retention(ctx: Ctx) -> None:
     statuses: list[str] = []
     cut: list[str] = []
     warmup_written = 0
+    fills: list[OutboxFill] = []
     with ctx.daemon(env):
         for label, events in rounds:
+            fills.append(OutboxFill(ctx.db.dsn))
+            fills[-1].start()
             ctx.rx.reset()
             t0 = time.time()
             written = 0
@@ -129,6 +166,7 @@ def retention(ctx: Ctx) -> None:
             at_end = sizes(ctx)
             peaks.append(sum(r.dead for r in at_end.values()))
             snap, waited = vacuumed(ctx, at_end, naptime(ctx) + s.retention_settle)
+            fills[-1].stop()
             waits.append(waited)
             snaps.append(snap)
     names = sorted(set().union(*snaps))
@@ -162,6 +200,13 @@ def retention(ctx: Ctx) -> None:
         f"{s.retention_warmup_naptimes:g} autovacuum_naptime(s) of writing: a table deleted from grows until "
         "autovacuum's next visit frees its space for reuse, so its working size is what the writers add "
         "between two visits; from there it must stay flat.",
+        "What the outbox's size follows (event, sampled every 0.5 s during each round): the most tuples it "
+        "held at once, live (not yet claimed) + dead (claimed, space not yet reusable): "
+        + " → ".join(f"{f.tuples:,}" for f in fills) + "; its largest size: "
+        + " → ".join(_mb(f.bytes) for f in fills) + "; autovacuum passes over it seen: "
+        + " → ".join(str(max(len(f.vacuums) - 1, 0)) for f in fills)
+        + ". A table that is deleted from reuses a dead tuple's space only after autovacuum's next visit, "
+        "so it grows to hold what the writers add between two visits.",
         f"Events written by {BACKLOG_WRITERS} pgbench clients (1-row transactions) while the daemon delivers; "
         + "; ".join(statuses) + ".",
         f"Flag: size (with indexes and TOAST) or dead tuples above {FLAT:g}x before, or above {ROUND_GROWTH:g}x "
@@ -175,4 +220,6 @@ def retention(ctx: Ctx) -> None:
                    + (f"grew: {', '.join(flagged)}" if flagged else "no relation grew"),
                    not flagged and not cut, f"{delivered:,} events in {s.retention_rounds} rounds after a "
                                             f"{warmup_written:,}-event warm-up"
-                   + (f"; NOT all delivered: {', '.join(cut)}" if cut else ""))
+                   + (f"; NOT all delivered: {', '.join(cut)}" if cut else "")
+                   + "; the outbox's size follows the most tuples it held between two autovacuum visits: "
+                   + " → ".join(f"{f.tuples:,}" for f in fills) + " (warm-up → rounds)")
