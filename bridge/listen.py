@@ -111,8 +111,9 @@ class Listener:
             conn = self._require()
             if self._can_mark and self._idle_until:
                 self._idle_until = 0.0
-                await conn.execute(Q.idle_clear)
-            await conn.execute(Q.idle_unlock)
+                await conn.execute(Q.idle_clear_unlock)
+            else:
+                await conn.execute(Q.idle_unlock)
 
     async def _mark_idle(self, seconds: float) -> None:
         """Tell writers (through crm_bridge.wake_state) that this daemon waits for the next ``seconds``."""

@@ -96,13 +96,15 @@ SELECT pg_advisory_lock(1668441442, 1);
 -- Only the daemon role may call it; a foreign session holding the lock makes nobody NOTIFY.
 SELECT crm_bridge.daemon_enter_idle(%(seconds)s);
 
--- name: idle_clear
--- Before releasing the idle lock: writers stop notifying.
-SELECT crm_bridge.daemon_leave_idle();
-
 -- name: idle_unlock
 -- Released as soon as the daemon is busy again: writers skip NOTIFY while it drains.
 SELECT pg_advisory_unlock(1668441442, 1);
+
+-- name: idle_clear_unlock
+-- Writers stop notifying, then the idle lock is released, in one round trip (the select list is
+-- evaluated left to right): it stands between a wake-up and the claim, so every round trip here
+-- is latency of every live event.
+SELECT crm_bridge.daemon_leave_idle(), pg_advisory_unlock(1668441442, 1);
 
 -- name: dead_letter_count
 -- How many dead letters match the replay/purge filters.

@@ -8,9 +8,12 @@ or only makes the daemon poll (shared); deliveries flow either way.
 
 from __future__ import annotations
 
+import anyio
 import psycopg
 import pytest
 from psycopg import errors
+
+from bridge.listen import Listener
 
 LOCK = (1668441442, 1)
 
@@ -118,3 +121,32 @@ def test_only_the_lock_holding_daemon_can_mark_itself_idle(db, daemon_grants):
             if login != roles.daemon:
                 with pytest.raises(errors.InsufficientPrivilege):
                     conn.execute("SELECT crm_bridge.daemon_enter_idle(1)")
+
+
+def test_leaving_idle_clears_the_mark_and_releases_the_lock(db, daemon_grants):
+    """The listener as the daemon role: entering idle takes the lock and marks the daemon idle;
+    leaving (one statement, on the path from a wake-up to the claim) does both undos, so writers
+    neither NOTIFY nor find the lock taken once the daemon drains."""
+    roles = daemon_grants
+
+    async def cycle() -> list[tuple]:
+        listener = Listener(roles.dsn(roles.daemon))
+        await listener.connect()
+        try:
+            seen = []
+            for _ in range(2):                       # twice: the second entry finds the lock free again
+                assert await listener.enter_idle() is True
+                seen.append((db.one(holds_idle_lock()),
+                             db.one("SELECT count(*) FROM crm_bridge.wake_state WHERE idle_until > now()")))
+                await listener.leave_idle()
+                seen.append((db.one(holds_idle_lock()),
+                             db.one("SELECT count(*) FROM crm_bridge.wake_state WHERE idle_until > now()")))
+            return seen
+        finally:
+            await listener.close()
+
+    assert anyio.run(cycle) == [(1, 1), (0, 0), (1, 1), (0, 0)]
+    with roles.connect(roles.app) as writer, psycopg.connect(db.dsn, autocommit=True) as listener:
+        listener.execute("LISTEN crm_bridge")
+        writer.execute("INSERT INTO crm.customer (account_id, name) VALUES ('after-idle', 'x')")
+        assert wake_ups(listener) == 0
