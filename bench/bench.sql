@@ -45,6 +45,11 @@ SELECT pg_catalog.pg_total_relation_size('crm_bridge.event'::pg_catalog.regclass
 SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity
  WHERE datname = pg_catalog.current_database() AND starts_with(application_name, 'crm-bridge');
 
+-- name: daemon_backend_pids
+-- The server processes serving the daemon's connections (goal 4: their CPU is its bookkeeping proper).
+SELECT pid FROM pg_catalog.pg_stat_activity
+ WHERE datname = pg_catalog.current_database() AND starts_with(application_name, 'crm-bridge');
+
 -- name: daemon_backends_left
 -- How many of them are still there.
 SELECT count(*) FROM pg_catalog.pg_stat_activity

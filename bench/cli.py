@@ -96,6 +96,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Report:
     declare_goals(report)
     started = time.monotonic()
     load_start = load_average()
+    measured = code_version()     # the code as it is when the run starts (files edited later are not measured)
 
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Report:
     report.facts = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m bench " + shlex.join(argv),
-        "commit measured": code_version(),
+        "commit measured": measured if code_version() == measured else f"{measured} (the code changed during the run)",
         **report.facts,
         "mode": "quick (small sizes; goals reported, not enforced)" if args.quick else "full",
         **machine_facts(),

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import procstat
 from . import variants as V
 from .context import Ctx
 from .report import Table
@@ -39,6 +40,19 @@ class Run:
     delivered: bool | None      # daemon variants: every call arrived within the CPU window
     # daemon variants, where pg_stat_statements is there: {kind: (calls, ms)} of its statements
     statements: dict[str, tuple[int, float]] | None = None
+    # daemon variants: CPU of the server processes serving the daemon's connections, per transaction
+    daemon_backends_us: float | None = None
+
+
+def daemon_backend_cpu(ctx: Ctx) -> dict[int, float]:
+    """CPU seconds so far of each server process serving a daemon connection (empty where /proc
+    is not readable)."""
+    out = {}
+    for (pid,) in ctx.conn.execute(BQ.daemon_backend_pids).fetchall():
+        seconds = procstat.cpu_seconds(int(pid))
+        if seconds is not None:
+            out[int(pid)] = seconds
+    return out
 
 
 def _run(ctx: Ctx, variant: Variant, script: str, clients: int, seconds: int,
@@ -52,6 +66,7 @@ def _run(ctx: Ctx, variant: Variant, script: str, clients: int, seconds: int,
         ctx.rx.reset()
         n0 = counter.settle()
         c0 = ctx.db.server_cpu()
+        b0 = daemon_backend_cpu(ctx) if daemon else {}
         d0 = daemon.cpu_seconds() if daemon else None
         result = ctx.writers.run(script, clients, seconds)
         d1 = daemon.cpu_seconds() if daemon else None
@@ -60,6 +75,7 @@ def _run(ctx: Ctx, variant: Variant, script: str, clients: int, seconds: int,
             delivered = ctx.rx.wait_count(calls, timeout=ctx.sizes.write_deliver_limit) >= calls
         time.sleep(0.1)          # let the postmaster reap the writers' backends (their CPU)
         c1 = ctx.db.server_cpu()
+        b1 = daemon_backend_cpu(ctx) if daemon else {}
         n1 = counter.settle()
         if daemon and ctx.db.statements:
             statements = {str(k): (int(n), float(ms)) for k, n, ms in
@@ -67,8 +83,11 @@ def _run(ctx: Ctx, variant: Variant, script: str, clients: int, seconds: int,
     cpu_us = None
     if c0 is not None and c1 is not None and result.transactions:
         cpu_us = (c1 - c0) / result.transactions * 1e6
+    backends_us = None
+    if b1 and result.transactions:   # a connection opened during the run counts from its start
+        backends_us = (sum(b1.values()) - sum(b0.get(pid, 0.0) for pid in b1)) / result.transactions * 1e6
     return Run(result.tps, result.transactions, cpu_us, n1 - n0,
-               d1 - d0 if d0 is not None and d1 is not None else None, delivered, statements)
+               d1 - d0 if d0 is not None and d1 is not None else None, delivered, statements, backends_us)
 
 
 def statement_breakdown(runs: list[Run]) -> str | None:
@@ -187,11 +206,20 @@ def eight_writers(ctx: Ctx) -> dict[str, list[Run]]:
     if breakdown:
         t.notes.append(f"Daemon delivering: {breakdown}.")
     book = _per_round(runs, "bridge", "bridge_stopped", _cpu_minus)
+    own = [r.daemon_backends_us for r in runs["bridge"] if r.daemon_backends_us is not None]
+    split = ""
+    if own:
+        split = (f"; of it, the server processes serving the daemon's connections {median(own):.0f} µs/tx "
+                 f"(CPU from /proc), the rest, {book - median(own):.0f} µs, is work the daemon causes elsewhere "
+                 "in the server (autovacuum of what it deletes, WAL writing) and the writers' share of "
+                 "a busier machine")
+        t.notes.append(f"Daemon delivering: CPU of the server processes serving the daemon's connections: "
+                       f"{median(own):.0f} µs per transaction (median of rounds).")
     cpu = {k: median([r.cpu_us for r in runs[k] if r.cpu_us]) for k in ("none", "bridge_stopped", "bridge")}
     ctx.report.set("4", f"{book:.0f} µs", book <= 20,
                    f"server CPU µs/tx: trigger alone {cpu['bridge_stopped']:.0f}, daemon delivering "
                    f"{cpu['bridge']:.0f} (no trigger {cpu['none']:.0f}); median of per-round differences"
-                   + (f"; {breakdown}" if breakdown else ""))
+                   + split + (f"; {breakdown}" if breakdown else ""))
     alone = _per_round(runs, "bridge_stopped", "none", _cpu_ratio)
     hasura = median(ratios(runs, "bridge_stopped", "hasura"))
     parts = [f"CPU {alone:.2f}", f"÷ Hasura-style {hasura:.2f}"]
