@@ -447,3 +447,24 @@ def test_upgrading_from_version_18_delivers_events_of_both_shapes_alike(empty_ds
     assert sorted(c.query for c in customers) == ["AccountID=new-acc", "AccountID=old-acc"]
     assert sorted(c.query for c in cases) == ["AccountID=new-acc&CaseID=new-case",
                                               "AccountID=old-acc&CaseID=old-case"]
+
+
+def test_a_claim_made_after_a_burst_does_not_read_the_whole_outbox(db, dsn):
+    """Migration 0020: a daemon connection keeps one plan of the claim, made while the outbox was
+    nearly empty (an idle daemon).  When writers then get 5,000 events ahead, a claim of 128 must
+    still reach them through the primary key, not read (and sort) every waiting event."""
+    db.add_url("customer", "create", "http://127.0.0.1:9/burst")
+    db.execute("INSERT INTO crm_bridge.event (object, event, ids) SELECT 'customer', 'create', ARRAY['a' || g] "
+               "FROM generate_series(1, 5) g")
+    with psycopg.connect(dsn, autocommit=True) as daemon:
+        for _ in range(8):      # past the five custom plans: the cached generic plan is the one used
+            with daemon.transaction(force_rollback=True):
+                daemon.execute("SELECT count(*) FROM crm_bridge.daemon_claim(128, 1000, '1 min', 'w')")
+        db.execute("INSERT INTO crm_bridge.event (object, event, ids) SELECT 'customer', 'create', "
+                   "ARRAY['b' || g] FROM generate_series(1, 5000) g")
+        with daemon.transaction(force_rollback=True):
+            claimed = daemon.execute("SELECT count(*) FROM crm_bridge.daemon_claim(128, 1000, '1 min', 'w') "
+                                     "WHERE id IS NOT NULL").fetchone()[0]
+            read = daemon.execute("SELECT pg_stat_get_xact_tuples_returned('crm_bridge.event'::regclass)").fetchone()[0]
+    assert claimed == 128
+    assert read < 1000, f"the claim read {read} rows of the outbox sequentially to take 128"
