@@ -102,7 +102,8 @@ class OutboxFill(threading.Thread):
         self.done = threading.Event()
         self.tuples = 0
         self.bytes = 0
-        self.vacuums: set[int] = set()
+        self.vacuums_first: int | None = None   # the table's (auto)vacuum count at the first sample
+        self.vacuums_last = 0
 
     def run(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
@@ -111,14 +112,20 @@ class OutboxFill(threading.Thread):
                 if row:
                     self.bytes = max(self.bytes, int(row[0]))
                     self.tuples = max(self.tuples, int(row[1]))
-                    self.vacuums.add(int(row[2]))
+                    self.vacuums_last = int(row[2])
+                    if self.vacuums_first is None:
+                        self.vacuums_first = self.vacuums_last
                 if self.done.wait(0.5):
                     return
 
-    def stop(self) -> OutboxFill:
+    @property
+    def passes(self) -> int:
+        """(Auto)vacuum passes over the outbox while sampled."""
+        return self.vacuums_last - (self.vacuums_first or 0) if self.vacuums_first is not None else 0
+
+    def stop(self) -> None:
         self.done.set()
         self.join(10)
-        return self
 
 
 def _mb(b: int) -> str:
@@ -169,6 +176,7 @@ def retention(ctx: Ctx) -> None:
             fills[-1].stop()
             waits.append(waited)
             snaps.append(snap)
+    fill_peaks = " → ".join(f"{f.tuples:,}" for f in fills)
     names = sorted(set().union(*snaps))
     series = {name: [snap.get(name) for snap in snaps] for name in names}
     series["all crm_bridge"] = [Rel(sum(r.bytes for r in snap.values()), sum(r.live for r in snap.values()),
@@ -202,9 +210,9 @@ def retention(ctx: Ctx) -> None:
         "between two visits; from there it must stay flat.",
         "What the outbox's size follows (event, sampled every 0.5 s during each round): the most tuples it "
         "held at once, live (not yet claimed) + dead (claimed, space not yet reusable): "
-        + " → ".join(f"{f.tuples:,}" for f in fills) + "; its largest size: "
+        + fill_peaks + "; its largest size: "
         + " → ".join(_mb(f.bytes) for f in fills) + "; autovacuum passes over it seen: "
-        + " → ".join(str(max(len(f.vacuums) - 1, 0)) for f in fills)
+        + " → ".join(str(f.passes) for f in fills)
         + ". A table that is deleted from reuses a dead tuple's space only after autovacuum's next visit, "
         "so it grows to hold what the writers add between two visits.",
         f"Events written by {BACKLOG_WRITERS} pgbench clients (1-row transactions) while the daemon delivers; "
@@ -222,4 +230,4 @@ def retention(ctx: Ctx) -> None:
                                             f"{warmup_written:,}-event warm-up"
                    + (f"; NOT all delivered: {', '.join(cut)}" if cut else "")
                    + "; the outbox's size follows the most tuples it held between two autovacuum visits: "
-                   + " → ".join(f"{f.tuples:,}" for f in fills) + " (warm-up → rounds)")
+                   + fill_peaks + " (warm-up → rounds)")

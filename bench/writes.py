@@ -206,15 +206,16 @@ def eight_writers(ctx: Ctx) -> dict[str, list[Run]]:
     if breakdown:
         t.notes.append(f"Daemon delivering: {breakdown}.")
     book = _per_round(runs, "bridge", "bridge_stopped", _cpu_minus)
-    own = [r.daemon_backends_us for r in runs["bridge"] if r.daemon_backends_us is not None]
+    own_runs = [r.daemon_backends_us for r in runs["bridge"] if r.daemon_backends_us is not None]
     split = ""
-    if own:
-        split = (f"; of it, the server processes serving the daemon's connections {median(own):.0f} µs/tx "
-                 f"(CPU from /proc), the rest, {book - median(own):.0f} µs, is work the daemon causes elsewhere "
+    if own_runs:
+        own = median(own_runs)
+        split = (f"; of it, the server processes serving the daemon's connections {own:.0f} µs/tx "
+                 f"(CPU from /proc), the rest, {book - own:.0f} µs, is work the daemon causes elsewhere "
                  "in the server (autovacuum of what it deletes, WAL writing) and the writers' share of "
                  "a busier machine")
         t.notes.append(f"Daemon delivering: CPU of the server processes serving the daemon's connections: "
-                       f"{median(own):.0f} µs per transaction (median of rounds).")
+                       f"{own:.0f} µs per transaction (median of rounds).")
     cpu = {k: median([r.cpu_us for r in runs[k] if r.cpu_us]) for k in ("none", "bridge_stopped", "bridge")}
     ctx.report.set("4", f"{book:.0f} µs", book <= 20,
                    f"server CPU µs/tx: trigger alone {cpu['bridge_stopped']:.0f}, daemon delivering "
