@@ -167,7 +167,8 @@ class Receiver:
             try:
                 app = web.Application()
                 app.router.add_route("*", "/{tail:.*}", self._handle)
-                self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+                # Handlers still answering (a scripted delay) are cancelled at stop, not waited for.
+                self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
                 loop.run_until_complete(self._runner.setup())
                 site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
                 loop.run_until_complete(site.start())
