@@ -17,6 +17,14 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 
+async def _cancel_the_rest() -> None:
+    """Cancel and await every task of the running loop but this one."""
+    rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+
+
 @dataclass(frozen=True)
 class ReceivedCall:
     """One request as the receiver saw it (not bridge.calls.Call, the request the daemon builds)."""
@@ -182,6 +190,9 @@ class Receiver:
             started.set()
             loop.run_forever()
             loop.run_until_complete(self._runner.cleanup())
+            # Handlers that outlived the shutdown timeout (a scripted delay) end here, not as
+            # "Task was destroyed but it is pending!" when the loop is collected.
+            loop.run_until_complete(_cancel_the_rest())
             loop.close()
 
         self._thread = threading.Thread(target=serve, name="receiver", daemon=True)
