@@ -300,6 +300,7 @@ class Daemon:
                     if self._on_ready:
                         self._on_ready()
                     await self._main_loop(deliveries)
+                    await self._leave_idle_quietly()    # writers need not wake a stopping daemon
                     with anyio.move_on_after(s.grace):
                         while self._held:
                             self._capacity = anyio.Event()
@@ -344,6 +345,7 @@ class Daemon:
                 self.stats.db_errors += 1
                 error_backoff = min(max(backoff, 1.0) * 2, MAX_ERROR_BACKOFF)
                 log.error("database error in the main loop: %s; retrying in %.0f s", _db_error(exc), error_backoff)
+                await self._leave_idle_quietly()
                 self._resting_until = time.monotonic() + error_backoff
                 await self._sleep_or_stop(error_backoff)
                 backoff = error_backoff
@@ -353,9 +355,18 @@ class Daemon:
                 error_backoff = min(max(backoff, 1.0) * 2, MAX_ERROR_BACKOFF)
                 log.error("unexpected error in the main loop; retrying in %.0f s: %s", error_backoff,
                           clean_text("".join(traceback.format_exception(exc)), limit=4000, keep="\t\n"))
+                await self._leave_idle_quietly()
                 self._resting_until = time.monotonic() + error_backoff
                 await self._sleep_or_stop(error_backoff)
                 backoff = error_backoff
+
+    async def _leave_idle_quietly(self) -> None:
+        """Release the idle lock (kept across claims, see _step) when the loop pauses or ends; on
+        failure its mark runs out within IDLE_MARGIN and the connection's end releases it."""
+        try:
+            await self._listener.leave_idle()
+        except psycopg.Error as exc:
+            log.debug("could not leave idle: %s", _db_error(exc))
 
     async def _connect_listener(self) -> None:
         await self._listener.connect()
@@ -364,8 +375,16 @@ class Daemon:
         self.healthy = True
 
     async def _step(self, tg: TaskGroup) -> None:
+        # The idle lock (bridge/listen.py) is kept across claims while events trickle in: a wake-up
+        # then goes straight to the claim, with no round trip to release the lock in front of it
+        # (that is latency of every live event), and the daemon does not take and mark it again
+        # for the next event.  It is released when writers are busy (a claim found LINGER_FROM
+        # events or more: they should not pay NOTIFY's commit lock while the daemon polls anyway)
+        # and while the daemon is full (it could not act on a wake-up).
+        listener = self._listener
         if self._held >= self._max_held() or (
                 self._held and self._max_held() - self._held < self._max_held() * CLAIM_MIN_ROOM):
+            await listener.leave_idle()
             self._capacity = anyio.Event()
             with anyio.move_on_after(self.settings.poll_interval):  # keep the loop (and watchdog) ticking
                 await self._capacity.wait()
@@ -374,23 +393,33 @@ class Daemon:
             # The last claim found a few events, not a full batch: writers are busy.  Waiting a
             # moment lets the next claim take more of them at once (less database work per call);
             # at low rates a claim finds one event and nobody waits.
+            await listener.leave_idle()
             await anyio.sleep(LINGER)
         if await self._drain_once(tg):
             self._contended = 0.0
+            if self._linger:
+                await listener.leave_idle()
             return
         self._linger = False
-        if await self._listener.enter_idle():
-            try:
-                if await self._drain_once(tg):
-                    return
-                await self._wait(self._idle_timeout())
-            finally:
-                await self._listener.leave_idle()
+        if listener.holding_lock:
+            # If the mark had (nearly) run out while the daemon was busy, events committed
+            # meanwhile did not NOTIFY: look once more now that writers will.
+            if await listener.keep_marked() and await self._drain_once(tg):
+                return
+        elif await listener.enter_idle():
+            # Events committed between the claim above and the mark did not NOTIFY.
+            if await self._drain_once(tg):
+                return
         else:
             # Writers (or another daemon) hold the lock: poll again shortly, backing off from 2 ms
             # to 50 ms while it stays contended.
             self._contended = min(max(self._contended * 2, 0.002), 0.05)
             await self._wait(min(self._contended, self._idle_timeout()))
+            return
+        if not await self._wait(self._idle_timeout()):
+            # A whole wait without a wake-up: let go of the lock once per poll, as a daemon that
+            # takes it per event would (another daemon, or a DBA's session queued for it, gets a turn).
+            await listener.leave_idle()
 
     def _max_held(self) -> int:
         return self.settings.concurrency
@@ -398,15 +427,15 @@ class Daemon:
     def _idle_timeout(self) -> float:
         return max(0.0, min(self.settings.poll_interval, self._next_due - time.monotonic()))
 
-    async def _wait(self, seconds: float) -> None:
-        """Wait for a NOTIFY, a local wake-up (retry due, stop) or the timeout."""
+    async def _wait(self, seconds: float) -> bool:
+        """Wait for a NOTIFY, a local wake-up (retry due, stop) or the timeout; False on the timeout."""
         if self._wake.is_set():
             # Woken while busy (a slot freed, a retry scheduled): look at due deliveries too.
             self._wake = anyio.Event()
             self._next_due = 0.0
-            return
+            return True
         if seconds <= 0:
-            return
+            return False
         woke_by_notify = False
         async with _first_error_unwrapped(), anyio.create_task_group() as tg:
             async def local() -> None:
@@ -420,10 +449,12 @@ class Daemon:
 
             tg.start_soon(local)
             tg.start_soon(remote)
-        if self._wake.is_set():
+        woke_locally = self._wake.is_set()
+        if woke_locally:
             self._wake = anyio.Event()
         if not woke_by_notify:
             self._next_due = 0.0  # poll timer (or local wake): also look at due retries
+        return woke_by_notify or woke_locally
 
     def _busy_arrays(self) -> tuple[list[int], list[int]]:
         ids, free = [], []

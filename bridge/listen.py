@@ -55,7 +55,9 @@ class Listener:
     LISTENs on CHANNEL; enter_idle() takes the idle lock (False at once when writers or another
     daemon hold it past LOCK_WAIT) and marks the daemon idle so that writers NOTIFY; wait() returns
     True on a well-formed wake-up NOTIFY and False on timeout, ignoring (and counting) malformed
-    ones; leave_idle() clears the mark and releases the lock before the daemon drains.  A closed
+    ones; keep_marked() renews the mark of a daemon that keeps the lock across claims (True when
+    it may have run out: claim once more); leave_idle() clears the mark and releases the lock when
+    the daemon drains a backlog, is full, or stops.  A closed
     connection raises psycopg.OperationalError, which the daemon's reconnect loop handles.
     """
 
@@ -114,6 +116,14 @@ class Listener:
                 await conn.execute(Q.idle_clear_unlock)
             else:
                 await conn.execute(Q.idle_unlock)
+
+    async def keep_marked(self) -> bool:
+        """While holding the lock, renew the idle mark if it lasts less than another second.
+        True when it was renewed: it may have run out, and events committed since did not NOTIFY."""
+        if not self.holding_lock or not self._can_mark or time.monotonic() + 1.0 < self._idle_until:
+            return False
+        await self._mark_idle(IDLE_MARGIN)
+        return True
 
     async def _mark_idle(self, seconds: float) -> None:
         """Tell writers (through crm_bridge.wake_state) that this daemon waits for the next ``seconds``."""

@@ -97,7 +97,7 @@ SELECT pg_advisory_lock(1668441442, 1);
 SELECT crm_bridge.daemon_enter_idle(%(seconds)s);
 
 -- name: idle_unlock
--- Released as soon as the daemon is busy again: writers skip NOTIFY while it drains.
+-- Released when the daemon drains a backlog or is full: writers skip NOTIFY meanwhile.
 SELECT pg_advisory_unlock(1668441442, 1);
 
 -- name: idle_clear_unlock

@@ -8,11 +8,14 @@ or only makes the daemon poll (shared); deliveries flow either way.
 
 from __future__ import annotations
 
+import threading
+
 import anyio
 import psycopg
 import pytest
 from psycopg import errors
 
+from bridge.devtools.receiver import Rule
 from bridge.listen import Listener
 
 LOCK = (1668441442, 1)
@@ -150,3 +153,50 @@ def test_leaving_idle_clears_the_mark_and_releases_the_lock(db, daemon_grants):
         listener.execute("LISTEN crm_bridge")
         writer.execute("INSERT INTO crm.customer (account_id, name) VALUES ('after-idle', 'x')")
         assert wake_ups(listener) == 0
+
+
+def _listener_pid(db) -> int:
+    return db.one("SELECT pid FROM pg_stat_activity WHERE application_name = 'crm-bridge listener'")
+
+
+def test_a_daemon_keeps_the_idle_lock_while_events_trickle_in(db, daemon_grants, receiver, daemon_factory):
+    """Taking the lock and marking the daemon idle again for every event put a round trip in front
+    of every live event's claim (bridge/daemon.py _step): its listener now runs no statement
+    between the events of a trickle."""
+    roles = daemon_grants
+    db.add_url("customer", "create", receiver.url("/c"))
+    daemon_factory(target_dsn=roles.dsn(roles.daemon), env={"CRM_BRIDGE_POLL_INTERVAL": "30"})
+    db.wait_until("SELECT count(*) FROM crm_bridge.wake_state WHERE idle_until > now()", expect=1)
+    pid = _listener_pid(db)
+    statements = set()
+    with roles.connect(roles.app) as writer:
+        for i in range(10):
+            writer.execute("INSERT INTO crm.customer (account_id, name) VALUES (%s, 'x')", [f"t{i}"])
+            receiver.wait_for(i + 1, "/c")
+            statements.add(db.one("SELECT query_start FROM pg_stat_activity WHERE pid = %s", [pid]))
+    # at most a renewal of the idle mark (every few seconds) besides the one before the first event
+    assert len(statements) <= 2, sorted(statements)
+    assert db.one(holds_idle_lock() + " AND pid = %s", [pid]) == 1
+
+
+def test_a_full_daemon_lets_go_of_the_idle_lock_and_takes_it_again_when_done(db, daemon_grants, receiver,
+                                                                           daemon_factory):
+    """A daemon with no room for more calls cannot act on a wake-up: writers must not pay NOTIFY's
+    commit lock meanwhile."""
+    roles = daemon_grants
+    gate = threading.Event()
+    receiver.answer("/held", Rule(handler=lambda call: gate.wait(60)))
+    db.add_url("customer", "create", receiver.url("/held"))
+    daemon_factory(target_dsn=roles.dsn(roles.daemon), env={"CRM_BRIDGE_CONCURRENCY": "2"})
+    db.wait_until(holds_idle_lock(), expect=1)
+    try:
+        with roles.connect(roles.app) as writer:
+            for i in range(3):
+                writer.execute("INSERT INTO crm.customer (account_id, name) VALUES (%s, 'x')", [f"f{i}"])
+        receiver.wait_for(2, "/held")
+        db.wait_until(holds_idle_lock(), expect=0)
+    finally:
+        gate.set()
+    receiver.wait_for(3, "/held")
+    db.wait_until("SELECT count(*) FROM crm_bridge.history WHERE outcome = 'delivered'", expect=3)
+    db.wait_until(holds_idle_lock(), expect=1)
