@@ -59,6 +59,10 @@ SELECT count(*) FROM pg_catalog.pg_stat_activity
 -- Cases written since the last reset: one call each for the bench's URL (case/create).
 SELECT count(*) FROM crm.case;
 
+-- name: autovacuum_workers
+-- Autovacuum workers running on the bench's server (settle: a latency run waits for them).
+SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE backend_type = 'autovacuum worker';
+
 -- name: checkpoint
 -- Start each run right after a checkpoint: equal full-page-write cost for every variant.
 CHECKPOINT;

@@ -14,6 +14,8 @@ class Sizes:
     write_seconds: int            # one pgbench run
     write_rounds: int             # rounds over all variants (order rotated every round)
     write_deliver_limit: float    # daemon delivering: seconds after the writers stop for the last calls
+    # goals 6, 7: a latency run starts when the machine is quiet, or after this many seconds
+    settle_limit: float
     # goal 6
     latency_seconds: float        # at 200 events/s, after a warm-up
     latency_warmup: float
@@ -55,7 +57,7 @@ class Sizes:
 
 FULL = Sizes(
     write_seconds=3, write_rounds=4, write_deliver_limit=60.0,
-    latency_seconds=10.0, latency_warmup=1.0,
+    settle_limit=30.0, latency_seconds=10.0, latency_warmup=1.0,
     raw_requests=20_000, backlog_events=100_000, bulk_statements=10, bulk_statement_rows=10_000, drain_limit=120.0,
     million_rows=1_000_000, million_limit=120.0, live_events=10, live_interval=0.5,
     livemax_seconds=30.0, livemax_warmup=2.0, livemax_steps=5, livemax_fallback_rate=1000.0,
@@ -69,7 +71,7 @@ FULL = Sizes(
 
 QUICK = Sizes(
     write_seconds=1, write_rounds=1, write_deliver_limit=5.0,
-    latency_seconds=1.5, latency_warmup=0.3,
+    settle_limit=2.0, latency_seconds=1.5, latency_warmup=0.3,
     raw_requests=1_000, backlog_events=1_000, bulk_statements=10, bulk_statement_rows=100, drain_limit=5.0,
     million_rows=10_000, million_limit=4.0, live_events=3, live_interval=0.3,
     livemax_seconds=1.5, livemax_warmup=0.3, livemax_steps=2, livemax_fallback_rate=200.0,

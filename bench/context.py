@@ -19,6 +19,7 @@ from psycopg import sql
 
 from bridge.settings import Settings
 
+from . import procstat
 from .config import Sizes
 from .env import BenchDB
 from .procs import DaemonProcess, ReceiverProcess
@@ -65,6 +66,26 @@ class Ctx:
         use(self.conn, variant)
         if checkpoint:
             self.conn.execute(BQ.checkpoint)
+
+    def settle(self, *, busy_below: float = 0.25) -> str:
+        """Wait (at most sizes.settle_limit s) until the server runs no autovacuum worker and the whole
+        machine was busy less than ``busy_below`` of one core over the last second: what the
+        previous phase left running (vacuum of what it deleted, WAL writing, a receiver still
+        logging) must not be measured as the next phase's latency.  Returns what it saw."""
+        limit = self.sizes.settle_limit
+        deadline = time.monotonic() + limit
+        busy = None
+        while True:
+            workers = int(self.conn.execute(BQ.autovacuum_workers).fetchone()[0])
+            b0, t0 = procstat.machine_busy_seconds(), time.monotonic()
+            time.sleep(1.0)
+            b1 = procstat.machine_busy_seconds()
+            busy = (b1 - b0) / (time.monotonic() - t0) if b0 is not None and b1 is not None else None
+            quiet = workers == 0 and (busy is None or busy < busy_below)
+            if quiet or time.monotonic() >= deadline:
+                seen = (f"machine busy {busy * 100:.0f} % of a core" if busy is not None else "machine load unknown")
+                return (f"{'settled' if quiet else f'not settled after {limit:g} s'}: {seen}, "
+                        f"{workers} autovacuum workers")
 
     def set_urls(self, paths: list[str]) -> list[str]:
         """Configure one receiver URL per path for case/create (kept across resets); return the URLs."""

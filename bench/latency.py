@@ -127,6 +127,8 @@ def latency(ctx: Ctx) -> LatencyResult:
     ctx.log(f"latency at {LIVE_GOAL_RATE} events/s, {s.latency_seconds:g} s")
     ctx.set_urls(["/latency"])
     ctx.reset(V.BRIDGE)
+    settled = ctx.settle()
+    ctx.log(f"    {settled}")
     with ctx.daemon() as daemon, NotifyCounter(ctx.db.dsn) as counter:
         r = measure(ctx, "lat", LIVE_GOAL_RATE, s.latency_seconds, s.latency_warmup, daemon.cpu_seconds, counter)
     ctx.log(f"    {LIVE_GOAL_RATE}/s: p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms, {r.received}/{r.sent} received")
@@ -135,6 +137,8 @@ def latency(ctx: Ctx) -> LatencyResult:
     t.notes.append(f"{WRITER_CONNECTIONS} writer connections, one 1-row INSERT transaction every 1/rate s; "
                    f"the first {s.latency_warmup:g} s are not counted. notifying commits: NOTIFYs a bench "
                    "listener saw on channel crm_bridge.")
+    t.notes.append(f"Before the run: {settled} (it waits up to {s.settle_limit:g} s for no autovacuum worker and "
+                   "the machine less than 25 % of a core busy: what earlier phases left running is not measured).")
     ctx.report.tables.append(t)
     ctx.report.set("6", f"p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms",
                    r.p50_ms < 2 and r.p99_ms < 10 and r.received == r.sent, f"{r.received}/{r.sent} received")
@@ -180,6 +184,7 @@ def highest_steady_rate(ctx: Ctx) -> None:
         if rate is None:
             break
         ctx.reset(V.BRIDGE)
+        settled = ctx.settle()
         with ctx.daemon() as daemon:
             window = CpuWindow(ctx, [daemon])
             r = measure(ctx, f"max{step}", rate, s.livemax_seconds, s.livemax_warmup, daemon.cpu_seconds,
@@ -190,7 +195,7 @@ def highest_steady_rate(ctx: Ctx) -> None:
         # A rate the writer did not reach is credited as the rate it did reach.
         (passed if ok else failed).append(min(rate, round(r.achieved_rate)) if ok else rate)
         ctx.log(f"    {rate:5d}/s: achieved {r.achieved_rate:.0f}/s, p99 {r.p99_ms:.1f} ms, "
-                f"{r.received}/{r.sent} received: {'steady' if ok else 'not steady'}")
+                f"{r.received}/{r.sent} received: {'steady' if ok else 'not steady'} (before it: {settled})")
         if ok and r.achieved_rate < 0.95 * rate:
             writer_limited = True     # the bench's writer, not the daemon, fell short: higher is unmeasurable
             break
@@ -201,7 +206,8 @@ def highest_steady_rate(ctx: Ctx) -> None:
                 pct(c.machine)] for i, (r, c) in enumerate(zip(runs, cpus, strict=True))])
     t.notes.append(f"Bounded search from half the 1-row backlog drain rate ({start:.0f}/s"
                    f"{'' if base else ', fallback: the drain phase did not run'}): x1.6 up, x0.5 down, then "
-                   f"bisection; {s.livemax_warmup:g} s warm-up per step not counted."
+                   f"bisection; {s.livemax_warmup:g} s warm-up per step not counted; each step starts on a "
+                   f"quiet machine (as goal 6, at most {s.settle_limit:g} s of waiting)."
                    + (" The bench's paced writer could not reach the last rate asked: the figure is a lower bound."
                       if writer_limited else ""))
     t.notes.append("CPU in % of one core over the step (warm-up, writes and the grace for the last arrivals); "
