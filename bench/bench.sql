@@ -19,14 +19,34 @@ SELECT c.relname
 -- name: relation_sizes
 -- Size (with indexes and TOAST) and tuple counts of every table and partition in crm_bridge; dead
 -- tuples and vacuums count those of the table's TOAST table too (a table of wide rows, such as
--- batch, keeps most of its bytes there, and autovacuum visits it on its own).
+-- batch, keeps most of its bytes there, and autovacuum visits it on its own).  due: the table or
+-- its TOAST table holds more dead tuples than autovacuum's threshold for it (its own reloptions,
+-- else the server's settings): autovacuum's next round will visit it.
 SELECT c.relname, pg_catalog.pg_total_relation_size(c.oid) AS bytes,
        coalesce(s.n_live_tup, 0) AS live, coalesce(s.n_dead_tup, 0) + coalesce(t.n_dead_tup, 0) AS dead,
-       coalesce(s.vacuum_count + s.autovacuum_count, 0) + coalesce(t.vacuum_count + t.autovacuum_count, 0) AS vacuums
+       coalesce(s.vacuum_count + s.autovacuum_count, 0) + coalesce(t.vacuum_count + t.autovacuum_count, 0) AS vacuums,
+       coalesce(s.n_dead_tup > ct.threshold, false) OR coalesce(t.n_dead_tup > tt.threshold, false) AS due
   FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN pg_catalog.pg_stat_user_tables s ON s.relid = c.oid
   LEFT JOIN pg_catalog.pg_stat_all_tables t ON t.relid = c.reltoastrelid
+  LEFT JOIN pg_catalog.pg_class tc ON tc.oid = c.reltoastrelid
+  CROSS JOIN LATERAL (
+      SELECT coalesce((SELECT o.option_value::float8 FROM pg_catalog.pg_options_to_table(c.reloptions) o
+                        WHERE o.option_name = 'autovacuum_vacuum_threshold'),
+                      pg_catalog.current_setting('autovacuum_vacuum_threshold')::float8)
+           + coalesce((SELECT o.option_value::float8 FROM pg_catalog.pg_options_to_table(c.reloptions) o
+                        WHERE o.option_name = 'autovacuum_vacuum_scale_factor'),
+                      pg_catalog.current_setting('autovacuum_vacuum_scale_factor')::float8)
+             * greatest(c.reltuples, 0) AS threshold) ct
+  LEFT JOIN LATERAL (
+      SELECT coalesce((SELECT o.option_value::float8 FROM pg_catalog.pg_options_to_table(tc.reloptions) o
+                        WHERE o.option_name = 'autovacuum_vacuum_threshold'),
+                      pg_catalog.current_setting('autovacuum_vacuum_threshold')::float8)
+           + coalesce((SELECT o.option_value::float8 FROM pg_catalog.pg_options_to_table(tc.reloptions) o
+                        WHERE o.option_name = 'autovacuum_vacuum_scale_factor'),
+                      pg_catalog.current_setting('autovacuum_vacuum_scale_factor')::float8)
+             * greatest(tc.reltuples, 0) AS threshold) tt ON tc.oid IS NOT NULL
  WHERE n.nspname = 'crm_bridge' AND c.relkind IN ('r', 'p')
  ORDER BY c.relname;
 
