@@ -138,7 +138,8 @@ def latency(ctx: Ctx) -> LatencyResult:
                    f"the first {s.latency_warmup:g} s are not counted. notifying commits: NOTIFYs a bench "
                    "listener saw on channel crm_bridge.")
     t.notes.append(f"Before the run: {settled} (it waits up to {s.settle_limit:g} s for no autovacuum worker and "
-                   "the machine less than 25 % of a core busy: what earlier phases left running is not measured).")
+                   "the machine less than 25 % of a core busy: what earlier phases left running stays out of "
+                   "the figures).")
     ctx.report.tables.append(t)
     ctx.report.set("6", f"p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms",
                    r.p50_ms < 2 and r.p99_ms < 10 and r.received == r.sent, f"{r.received}/{r.sent} received")
