@@ -25,28 +25,25 @@ SELECT c.relname
 SELECT c.relname, pg_catalog.pg_total_relation_size(c.oid) AS bytes,
        coalesce(s.n_live_tup, 0) AS live, coalesce(s.n_dead_tup, 0) + coalesce(t.n_dead_tup, 0) AS dead,
        coalesce(s.vacuum_count + s.autovacuum_count, 0) + coalesce(t.vacuum_count + t.autovacuum_count, 0) AS vacuums,
-       coalesce(s.n_dead_tup > ct.threshold, false) OR coalesce(t.n_dead_tup > tt.threshold, false) AS due
+       coalesce(d.due, false) AS due
   FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN pg_catalog.pg_stat_user_tables s ON s.relid = c.oid
   LEFT JOIN pg_catalog.pg_stat_all_tables t ON t.relid = c.reltoastrelid
   LEFT JOIN pg_catalog.pg_class tc ON tc.oid = c.reltoastrelid
   CROSS JOIN LATERAL (
-      SELECT coalesce((SELECT o.option_value::float8 FROM pg_catalog.pg_options_to_table(c.reloptions) o
-                        WHERE o.option_name = 'autovacuum_vacuum_threshold'),
-                      pg_catalog.current_setting('autovacuum_vacuum_threshold')::float8)
-           + coalesce((SELECT o.option_value::float8 FROM pg_catalog.pg_options_to_table(c.reloptions) o
-                        WHERE o.option_name = 'autovacuum_vacuum_scale_factor'),
-                      pg_catalog.current_setting('autovacuum_vacuum_scale_factor')::float8)
-             * greatest(c.reltuples, 0) AS threshold) ct
-  LEFT JOIN LATERAL (
-      SELECT coalesce((SELECT o.option_value::float8 FROM pg_catalog.pg_options_to_table(tc.reloptions) o
-                        WHERE o.option_name = 'autovacuum_vacuum_threshold'),
-                      pg_catalog.current_setting('autovacuum_vacuum_threshold')::float8)
-           + coalesce((SELECT o.option_value::float8 FROM pg_catalog.pg_options_to_table(tc.reloptions) o
-                        WHERE o.option_name = 'autovacuum_vacuum_scale_factor'),
-                      pg_catalog.current_setting('autovacuum_vacuum_scale_factor')::float8)
-             * greatest(tc.reltuples, 0) AS threshold) tt ON tc.oid IS NOT NULL
+      SELECT pg_catalog.bool_or(x.dead > th.threshold) AS due
+        FROM (VALUES (c.reloptions, c.reltuples, s.n_dead_tup),
+                     (tc.reloptions, tc.reltuples, t.n_dead_tup)) AS x(opts, tuples, dead)
+       CROSS JOIN LATERAL (
+           SELECT coalesce((SELECT o.option_value::float8 FROM pg_catalog.pg_options_to_table(x.opts) o
+                             WHERE o.option_name = 'autovacuum_vacuum_threshold'),
+                           pg_catalog.current_setting('autovacuum_vacuum_threshold')::float8)
+                + coalesce((SELECT o.option_value::float8 FROM pg_catalog.pg_options_to_table(x.opts) o
+                             WHERE o.option_name = 'autovacuum_vacuum_scale_factor'),
+                           pg_catalog.current_setting('autovacuum_vacuum_scale_factor')::float8)
+                  * greatest(x.tuples, 0) AS threshold) th
+       WHERE x.dead IS NOT NULL) d
  WHERE n.nspname = 'crm_bridge' AND c.relkind IN ('r', 'p')
  ORDER BY c.relname;
 
