@@ -74,7 +74,6 @@ class Ctx:
         logging) must not be measured as the next phase's latency.  Returns what it saw."""
         limit = self.sizes.settle_limit
         deadline = time.monotonic() + limit
-        busy = None
         while True:
             workers = int(self.conn.execute(BQ.autovacuum_workers).fetchone()[0])
             b0, t0 = procstat.machine_busy_seconds(), time.monotonic()

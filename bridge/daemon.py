@@ -392,8 +392,8 @@ class Daemon:
         if self._linger:
             # The last claim found a few events, not a full batch: writers are busy.  Waiting a
             # moment lets the next claim take more of them at once (less database work per call);
-            # at low rates a claim finds one event and nobody waits.
-            await listener.leave_idle()
+            # at low rates a claim finds one event and nobody waits.  (The claim that set it let
+            # go of the idle lock.)
             await anyio.sleep(LINGER)
         if await self._drain_once(tg):
             self._contended = 0.0
