@@ -33,6 +33,8 @@ MAX_PAYLOAD = 200
 IDLE_MARGIN = 5.0
 # The database caps one mark at 60 s: longer waits refresh it.
 IDLE_SLICE = 50.0
+# A mark is renewed when it would end within this many seconds (of a wait, or now).
+MARK_RENEW = 1.0
 # A session lock can only wait for writers briefly: never block behind a long transaction.
 LOCK_WAIT = "100ms"
 
@@ -118,9 +120,9 @@ class Listener:
                 await conn.execute(Q.idle_unlock)
 
     async def keep_marked(self) -> bool:
-        """While holding the lock, renew the idle mark if it lasts less than another second.
+        """While holding the lock, renew the idle mark if it ends within MARK_RENEW seconds.
         True when it was renewed: it may have run out, and events committed since did not NOTIFY."""
-        if not self.holding_lock or not self._can_mark or time.monotonic() + 1.0 < self._idle_until:
+        if not self.holding_lock or not self._can_mark or time.monotonic() + MARK_RENEW < self._idle_until:
             return False
         await self._mark_idle(IDLE_MARGIN)
         return True
@@ -148,7 +150,7 @@ class Listener:
         woke = False
         while not woke and (remaining := deadline - time.monotonic()) > 0:
             step = min(remaining, IDLE_SLICE)
-            if self.holding_lock and time.monotonic() + step > self._idle_until - 1.0:
+            if self.holding_lock and time.monotonic() + step > self._idle_until - MARK_RENEW:
                 await self._mark_idle(step + IDLE_MARGIN)
             # One packet may carry several notifications: look at all of them before returning.
             async for n in conn.notifies(timeout=step, stop_after=1):
