@@ -449,11 +449,15 @@ def test_upgrading_from_version_18_delivers_events_of_both_shapes_alike(empty_ds
                                               "AccountID=old-acc&CaseID=old-case"]
 
 
-def test_a_claim_made_after_a_burst_does_not_read_the_whole_outbox(db, dsn):
+@pytest.mark.parametrize("statement", ["short", "full"])
+def test_a_claim_made_after_a_burst_does_not_read_the_whole_outbox(db, dsn, statement):
     """Migration 0020: a daemon connection keeps one plan of the claim, made while the outbox was
     nearly empty (an idle daemon).  When writers then get 5,000 events ahead, a claim of 128 must
-    still reach them through the primary key, not read (and sort) every waiting event."""
+    still reach them through the primary key, not read (and sort) every waiting event.  Both
+    statements of migration 0022: an ordered URL elsewhere makes every claim take the full one."""
     db.add_url("customer", "create", "http://127.0.0.1:9/burst")
+    if statement == "full":
+        db.add_url("task", "edit", "http://127.0.0.1:9/ordered", ordered=True)
     db.execute("INSERT INTO crm_bridge.event (object, event, ids) SELECT 'customer', 'create', ARRAY['a' || g] "
                "FROM generate_series(1, 5) g")
     with psycopg.connect(dsn, autocommit=True) as daemon:
