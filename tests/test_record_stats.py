@@ -62,7 +62,8 @@ def test_failures_only_open_the_breaker_and_a_later_success_closes_it(db):
     # the queued calls come back through claim_due; a delivered one closes the breaker
     db.execute("UPDATE crm_bridge.url_stat SET breaker_state = 'half_open' WHERE trigger_id = %s", [b])
     call = calls[b][0]
-    db.execute("UPDATE crm_bridge.queue SET status = 'in_flight', worker = 'w', lease_until = now() + interval '1 min' WHERE id = %s", [call])
+    db.execute("UPDATE crm_bridge.queue SET status = 'in_flight', worker = 'w', "
+               "lease_until = now() + interval '1 min' WHERE id = %s", [call])
     assert db.one("SELECT crm_bridge.daemon_complete('w', %s, '{delivered}', '{1}', '{200}', '{NULL}', '{0}', '{5}')",
                   [[call]]) == 1
     assert _stat(db, b) == (True, True, 500, "HTTP 500", 0, "closed")
