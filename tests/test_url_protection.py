@@ -118,6 +118,7 @@ def _check_rate(r: dict, rate: float, events: int) -> None:
     assert r["drain"] <= events / refill * 1.5 + 3, r
 
 
+@pytest.mark.timing
 def test_a_rate_limit_holds_for_three_daemons_together(db, receiver, daemon_factory):
     rate, events = 30.0, 200
     r = _rate_limit_run(db, receiver, daemon_factory, rate=rate, events=events, daemons=3)
@@ -128,6 +129,7 @@ def test_a_rate_limit_holds_for_three_daemons_together(db, receiver, daemon_fact
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_a_rate_limit_of_50_per_second_holds_for_a_2000_event_backlog_and_three_daemons(db, receiver, daemon_factory):
     rate, events = 50.0, 2000
     r = _rate_limit_run(db, receiver, daemon_factory, rate=rate, events=events, daemons=3)
