@@ -54,8 +54,11 @@ log = logging.getLogger("crm_bridge.daemon")
 # slow receiver does not keep the others' outcomes unrecorded.
 BATCH_RECORD_AFTER = 1.0
 # A claim waits until at least this share of the daemon's capacity is free (unless it holds
-# nothing): fewer, larger batches cost the database less per call.
-CLAIM_MIN_ROOM = 0.25
+# nothing): fewer, larger batches cost the database less per call.  A claim and its record cost
+# the server ~1 ms whatever their size plus ~13 us per event (pgbench, one URL): half the capacity
+# (256 calls by default) is ~20 us per event against ~24 at a quarter, and still leaves 8 rounds of
+# the default 32 calls in flight per URL queued while the claim runs (bench/FINDINGS.md).
+CLAIM_MIN_ROOM = 0.5
 # How long the main loop waits before the next claim when the last one found a few events (at
 # least LINGER_FROM, less than a quarter batch): writers are busy, and a claim and its record cost
 # the database ~0.25 ms however few events they carry (measured), so fewer, larger batches are

@@ -139,3 +139,27 @@ def test_the_daemon_role_claims_both_ways_and_cannot_call_the_full_statement_its
     for role in (roles.admin, roles.monitor, roles.app):
         with roles.connect(role) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT * FROM crm_bridge.daemon_claim(128, 1000, '1 min', 'w')")
+
+
+def test_two_daemons_claiming_at_once_take_different_events_and_lose_none(db, roles):
+    """0025: the short claim deletes the rows its locking scan read, by address.  A claim running
+    while another daemon holds some events skips them (they stay in the outbox, untouched), and
+    hands out each of the others once."""
+    db.add_url("customer", "create", "http://127.0.0.1:9/plain")
+    db.execute("SELECT crm_bridge.daemon_rotate(interval '7 days')")
+    for n in range(6):
+        db.execute("INSERT INTO crm.customer (account_id, name) VALUES (%s, 'n')", [f"acc{n}"])
+    with roles.connect(roles.daemon) as first, roles.connect(roles.daemon) as second:
+        first.autocommit = second.autocommit = False
+        # the first daemon's claim of the two oldest events has not committed yet
+        a = first.execute("SELECT ids FROM crm_bridge.daemon_claim(2, 1000, '1 min', 'w1')").fetchall()
+        assert a == [(["acc0"],), (["acc1"],)]
+        b = second.execute("SELECT ids FROM crm_bridge.daemon_claim(3, 1000, '1 min', 'w2')").fetchall()
+        assert b == [(["acc2"],), (["acc3"],), (["acc4"],)]
+        first.rollback()     # that daemon died before committing: its events are claimable again
+        second.commit()
+        c = first.execute("SELECT ids FROM crm_bridge.daemon_claim(10, 1000, '1 min', 'w1')").fetchall()
+        first.commit()
+        assert c == [(["acc0"],), (["acc1"],), (["acc5"],)]
+    assert db.one("SELECT count(*) FROM crm_bridge.event") == 0
+    assert db.all("SELECT worker, cardinality(calls) FROM crm_bridge.batch ORDER BY id") == [("w2", 3), ("w1", 3)]
