@@ -55,9 +55,10 @@ log = logging.getLogger("crm_bridge.daemon")
 BATCH_RECORD_AFTER = 1.0
 # A claim waits until at least this share of the daemon's capacity is free (unless it holds
 # nothing): fewer, larger batches cost the database less per call.  A claim and its record cost
-# the server ~1 ms whatever their size plus ~13 us per event (pgbench, one URL): half the capacity
-# (256 calls by default) is ~20 us per event against ~24 at a quarter, and still leaves 8 rounds of
-# the default 32 calls in flight per URL queued while the claim runs (bench/FINDINGS.md).
+# the server ~1 ms whatever their size plus ~13 us per event (one URL): 128-event claims ~24 us per
+# event, 256-event ~20, 512-event ~16.  Half the default capacity is 512 calls (at most batch_size
+# of them claimed at once), and the other half, 16 rounds of one URL's default 32 in flight, is
+# still queued while the claim runs (bench/FINDINGS.md).
 CLAIM_MIN_ROOM = 0.5
 # How long the main loop waits before the next claim when the last one found a few events (at
 # least LINGER_FROM, less than a quarter batch): writers are busy, and a claim and its record cost

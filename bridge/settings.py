@@ -50,7 +50,7 @@ class Settings:
     max_attempts: int = 8                 # per-URL: crm_trigger.max_attempts
     retry_after_cap: float = 3600.0       # a Retry-After beyond this is cut to it
     retry_jitter: float = 0.2             # +-20 % on every backoff delay
-    concurrency: int = 512                # deliveries held at once, all URLs together
+    concurrency: int = 1024               # deliveries held at once, all URLs together
     max_in_flight_per_url: int = 32       # per-URL: crm_trigger.max_in_flight
     follow_redirects: bool = False
     ca_bundle: str = ""                   # extra CA file for internal CAs; system CAs otherwise

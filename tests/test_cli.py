@@ -75,7 +75,7 @@ def test_help_texts():
         # a description of its own (the line after the usage) and the global options
         assert text.split("\n\n")[1].strip() and "--dsn DSN" in text, cmd
     run = run_cli("run", "--help").stdout
-    for default in ("(default: 2)", "(default: 512)", "(default: 500)", "(default: 30)", "(default: 10)",
+    for default in ("(default: 2)", "(default: 1024)", "(default: 500)", "(default: 30)", "(default: 10)",
                     "(default: 15)", "(default: off)"):
         assert default in " ".join(run.split()), default
     assert "exit status: 0 all well; 1" in run_cli("status", "--help").stdout
@@ -84,10 +84,10 @@ def test_help_texts():
 def test_the_settings_file_is_read_from_the_documented_path_by_default(tmp_path, monkeypatch):
     default = tmp_path / "crm-bridge.toml"
     monkeypatch.setattr(settings_mod, "DEFAULT_CONFIG", default)
-    assert Settings.load(env={}).concurrency == 512                 # no file: defaults
+    assert Settings.load(env={}).concurrency == 1024                 # no file: defaults
     default.write_text("[crm_bridge]\nconcurrency = 7\n")
     assert Settings.load(env={}).concurrency == 7
-    assert Settings.load(env={"CRM_BRIDGE_CONFIG": ""}).concurrency == 512       # explicitly none
+    assert Settings.load(env={"CRM_BRIDGE_CONFIG": ""}).concurrency == 1024       # explicitly none
     other = tmp_path / "other.toml"
     other.write_text("concurrency = 9\n")
     assert Settings.load(env={"CRM_BRIDGE_CONFIG": str(other)}).concurrency == 9

@@ -23,7 +23,7 @@ def toml(tmp_path: Path):
 
 def test_defaults_without_any_source():
     s = Settings.load(env={})
-    assert (s.concurrency, s.poll_interval, s.timeout, s.max_attempts) == (512, 2.0, 15.0, 8)
+    assert (s.concurrency, s.poll_interval, s.timeout, s.max_attempts) == (1024, 2.0, 15.0, 8)
     assert s.metrics_addr == "" and s.log_format == "text"
 
 
