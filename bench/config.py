@@ -42,7 +42,12 @@ class Sizes:
     retention_warmup_naptimes: float  # ...and the warm-up lasts at least this many autovacuum_naptimes
     retention_round: int          # events per measured round
     retention_rounds: int
-    retention_settle: float       # seconds after the window before sizes are read
+    # seconds after the window before sizes are read: the last rows of a round sit in a history
+    # partition that ends up to a partition's width after the round (a quarter of the retention,
+    # at least 10 s), and it goes at the first pass after its end + the window (passes every
+    # retention_interval): 15 + 10 + 5 = 30 s at the full sizes, with no margin at a settle of 15
+    # (a run read that partition, 3.6 MB, just before its pass and flagged it)
+    retention_settle: float
     retention_limit: float        # seconds a round may take
     # goal 9
     scaleout_events: int
@@ -63,7 +68,7 @@ FULL = Sizes(
     livemax_seconds=30.0, livemax_warmup=2.0, livemax_steps=5, livemax_fallback_rate=1000.0,
     retention_window=15.0, retention_interval=5.0, retention_warmup=100_000,
     retention_warmup_naptimes=1.25, retention_round=150_000,
-    retention_rounds=2, retention_settle=15.0, retention_limit=200.0,
+    retention_rounds=2, retention_settle=25.0, retention_limit=200.0,
     scaleout_events=50_000, scaleout_limit=90.0,
     batch_events=50_000, batch_rounds=2, batch_limit=90.0,
     idle_seconds=10.0,

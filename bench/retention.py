@@ -207,7 +207,8 @@ def retention(ctx: Ctx) -> None:
     t.notes += [
         f"Daemon settings: retention_days = {s.retention_window:g} s / 86,400, retention_interval = "
         f"{s.retention_interval:g} s; after each round the bench waits {s.retention_window + s.retention_settle:g} s "
-        "(the window and a pass), then for autovacuum's next pass over every relation holding more dead "
+        "(the window, the width of the partition holding the round's last rows, a pass), then for "
+        "autovacuum's next pass over every relation holding more dead "
         "tuples than autovacuum's threshold for it (its reloptions, else the server's settings; table or TOAST) "
         f"(waited: {', '.join(f'{w:.0f} s' for w in waits)}), then reads sizes.",
         "Dead tuples in all crm_bridge before that autovacuum pass (before → rounds): "
