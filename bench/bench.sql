@@ -157,6 +157,11 @@ END $$;
 -- One case with a caller-chosen ID (the latency bench matches arrivals by it).
 INSERT INTO crm.case (case_id, account_id, subject) VALUES (%(case_id)s, 'acc-1', 'bench');
 
+-- name: insert_paced
+-- The same for pgbench's paced writer (a pgbench script line: :prefix is set with --define,
+-- :client_id is pgbench's, :n the client's transaction number).
+INSERT INTO crm.case (case_id, account_id, subject) VALUES (:prefix || '-' || :client_id || '-' || :n, 'acc-1', 'bench');
+
 -- name: server_version
 -- The server's version string.
 SELECT current_setting('server_version');

@@ -7,7 +7,9 @@ cost out, which makes the trigger's share of each write *larger* (the stricter c
 
 from __future__ import annotations
 
+import math
 import re
+import resource
 import subprocess
 import threading
 import time
@@ -54,6 +56,51 @@ class Pgbench:
         n = int(done.group(1))
         # pgbench's own figure excludes connection set-up; derive the window from it.
         return WriteResult(n, n / float(tps.group(1)) if float(tps.group(1)) else float(seconds))
+
+
+@dataclass(frozen=True)
+class PacedRun:
+    commits: list[tuple[int, int, float]]   # (client, its transaction number from 1, time.time() at COMMIT's return)
+    achieved: float                          # transactions per second
+    cpu_seconds: float                       # the writer's own CPU (the client process, user + system)
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def paced_pgbench(exe: Path, dsn: str, workdir: Path, statement: str, clients: int, rate: float,
+                  seconds: float, tag: str, defines: dict[str, str] | None = None) -> PacedRun:
+    """``rate`` transactions per second in all for ``seconds`` (pgbench ``--rate``: Poisson arrivals,
+    the schedule kept whatever the latency) on ``clients`` connections, one thread.  ``statement``
+    may use ``:client_id``, ``:n``, the client's transaction number from 1, and ``defines``; pgbench's
+    per-transaction log gives the time each COMMIT returned (the same moment the Python writer
+    takes), matched by (client, n)."""
+    script = workdir / f"paced-{tag}.sql"
+    script.write_text(f"\\set n :n + 1\n{statement.rstrip().rstrip(';')};\n")
+    for old in workdir.glob(f"paced-{tag}.log*"):
+        old.unlink()
+    per_client = max(1, math.ceil(rate * seconds / clients))
+    cmd = [str(exe), "--no-vacuum", "--protocol=prepared", f"--client={clients}", "--jobs=1",
+           f"--rate={rate}", f"--transactions={per_client}", "--define=n=0", "--log",
+           f"--log-prefix={workdir / f'paced-{tag}.log'}", f"--file={script}",
+           *(f"--define={k}={v}" for k, v in (defines or {}).items()), dsn]
+    cpu0 = _children_cpu()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 3 + 120, cwd=workdir)
+    cpu = _children_cpu() - cpu0
+    out = proc.stdout + proc.stderr
+    tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+    if proc.returncode != 0 or not tps:
+        raise RuntimeError(f"pgbench failed ({proc.returncode}):\n{out[-2000:]}")
+    commits: list[tuple[int, int, float]] = []
+    for log in workdir.glob(f"paced-{tag}.log*"):
+        for line in log.read_text().splitlines():
+            # client_id transaction_no latency_us script_no time_epoch time_us [schedule_lag_us]
+            f = line.split()
+            commits.append((int(f[0]), int(f[1]), int(f[4]) + int(f[5]) / 1e6))
+        log.unlink()
+    return PacedRun(commits, float(tps.group(1)), cpu)
 
 
 class PythonWriters:
