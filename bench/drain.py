@@ -104,11 +104,17 @@ class CpuShares:
     receiver: float | None
     server: float | None
     machine: float | None        # every process on the machine, the bench's and anyone else's
+    seconds: float = 0.0         # the window's length
 
     @property
     def daemon_total(self) -> float | None:
         known = [d for d in self.daemons if d is not None]
         return sum(known) if known else None
+
+    def daemon_us_per(self, calls: int) -> float | None:
+        """The daemons' CPU over the window per call, in µs."""
+        total = self.daemon_total
+        return total / 100 * self.seconds / calls * 1e6 if total is not None and calls else None
 
 
 class CpuWindow:
@@ -128,7 +134,7 @@ class CpuWindow:
 
         return CpuShares([pct(a, d.cpu_seconds()) for a, d in zip(self.d0, self.daemons, strict=True)],
                          pct(self.rx0, self.ctx.rx.cpu_seconds()), pct(self.srv0, self.ctx.db.server_cpu()),
-                         pct(self.m0, procstat.machine_busy_seconds()))
+                         pct(self.m0, procstat.machine_busy_seconds()), wall)
 
 
 def pct(x: float | None) -> str:
@@ -173,8 +179,14 @@ def write_statements(ctx: Ctx, statements: int, rows: int) -> None:
         ctx.conn.execute(query)
 
 
-def raw(ctx: Ctx, lib: str, concurrency: int, count: int, gc: str = "python") -> float:
-    """Requests/s of a raw client process at ``concurrency`` (receiver-side, first → last arrival)."""
+@dataclass
+class RawRun:
+    rate: float                  # requests/s, receiver side, first → last arrival
+    cpu_us: float                # the client's CPU per request (its requests only, not its start-up)
+
+
+def raw(ctx: Ctx, lib: str, concurrency: int, count: int, gc: str = "python") -> RawRun:
+    """A raw client process at ``concurrency``: its rate (receiver-side, first → last arrival) and CPU."""
     ctx.rx.reset()
     proc = subprocess.run(
         [sys.executable, "-m", "bench.rawclient", "--lib", lib, "--url", ctx.rx.url("/raw"),
@@ -186,8 +198,10 @@ def raw(ctx: Ctx, lib: str, concurrency: int, count: int, gc: str = "python") ->
     if result["errors"]:
         raise RuntimeError(f"raw client {lib}: {result['errors']} non-200 answers")
     got = _arrivals(ctx, count, 0.0, True, time.time(), None)
-    ctx.log(f"    raw {lib:14} (GC {gc}) x{concurrency:<4} {got.wire_rate:7.0f} req/s ({got.received} requests)")
-    return got.wire_rate
+    cpu_us = result["cpu_seconds"] / count * 1e6
+    ctx.log(f"    raw {lib:14} (GC {gc}) x{concurrency:<4} {got.wire_rate:7.0f} req/s ({got.received} requests, "
+            f"{cpu_us:.0f} µs CPU each)")
+    return RawRun(got.wire_rate, cpu_us)
 
 
 def backlog_and_ceiling(ctx: Ctx) -> None:
@@ -199,7 +213,7 @@ def backlog_and_ceiling(ctx: Ctx) -> None:
               (f"{s.bulk_statements} statements of {s.bulk_statement_rows:,} rows",
                lambda: write_statements(ctx, s.bulk_statements, s.bulk_statement_rows))]
     ctx.log(f"raw clients x{conc} around drains of {' and '.join(label for label, _ in shapes)} (1 URL)")
-    rates: dict[str, list[float]] = {label: [raw(ctx, lib, conc, s.raw_requests, gc)]
+    runs: dict[str, list[RawRun]] = {label: [raw(ctx, lib, conc, s.raw_requests, gc)]
                                      for label, lib, gc in RAW_CLIENTS}
     ctx.set_urls(["/drain"])
     drains = []
@@ -211,21 +225,26 @@ def backlog_and_ceiling(ctx: Ctx) -> None:
                 f"peak RSS {fmt_mb(d.peak_rss_mb)}, {d.got.status}")
         drains.append((label, d))
     for label, lib, gc in reversed(RAW_CLIENTS):
-        rates[label].append(raw(ctx, lib, conc, s.raw_requests, gc))
-    ceiling = max(median(rates[label]) for label in CEILING_CLIENTS)
+        runs[label].append(raw(ctx, lib, conc, s.raw_requests, gc))
+    rates = {label: [r.rate for r in rs] for label, rs in runs.items()}
+    cpu_us = {label: median([r.cpu_us for r in rs]) for label, rs in runs.items()}
+    ceiling_label = max(CEILING_CLIENTS, key=lambda label: median(rates[label]))
+    ceiling = median(rates[ceiling_label])
     ctx.measured["ceiling"] = ceiling
     ctx.measured["drain_1row"] = drains[0][1].got.rate
     ctx.report.facts["raw-client ceiling"] = (f"{ceiling:.0f} requests/s (httpx on the daemon's transport, "
                                               f"{conc} at once, one receiver on 127.0.0.1; the faster of Python's "
                                               "and the daemon's GC thresholds)")
     t = Table(f"Backlog drain and raw-client ceiling: 1 URL, {conc} calls at once (the daemon's default "
-              "for one URL)", ["client", "events or requests/s", "runs", "÷ ceiling", "duplicates",
-                               "peak RSS", "daemon CPU", "receiver CPU", "server CPU", "note"])
+              "for one URL)", ["client", "events or requests/s", "runs", "÷ ceiling", "CPU µs per call",
+                               "duplicates", "peak RSS", "daemon CPU", "receiver CPU", "server CPU", "note"])
     for label, _, _ in RAW_CLIENTS:
         t.rows.append([f"raw {label}", f"{median(rates[label]):.0f}", " / ".join(f"{r:.0f}" for r in rates[label]),
-                       f"{median(rates[label]) / ceiling:.2f}", "", "", "", "", "", ""])
+                       f"{median(rates[label]) / ceiling:.2f}", f"{cpu_us[label]:.0f}", "", "", "", "", "", ""])
     for label, d in drains:
+        per = d.cpu.daemon_us_per(d.got.received)
         t.rows.append([f"daemon, {label}", f"{d.got.rate:.0f}", "1", f"{d.got.rate / ceiling:.2f}",
+                       "n/a" if per is None else f"{per:.0f}",
                        f"{d.got.duplicates:,}", fmt_mb(d.peak_rss_mb), pct(d.cpu.daemon_total), pct(d.cpu.receiver),
                        pct(d.cpu.server),
                        f"{d.got.status}; {d.got.wire_rate:.0f}/s on the wire; machine CPU {pct(d.cpu.machine)}"])
@@ -236,11 +255,24 @@ def backlog_and_ceiling(ctx: Ctx) -> None:
         "(bridge.aio.tune_gc).",
         "Daemon rate, end to end = distinct calls received ÷ (last arrival - the daemon's 'ready' log line), "
         f"receiver clock; backlogs written while no daemon ran; a drain not finished within {s.drain_limit:g} s "
-        "is reported as its rate so far. CPU: % of one core over the drain.",
+        "is reported as its rate so far. CPU: % of one core over the drain. CPU µs per call: a raw client's "
+        "own CPU over its requests ÷ requests (median of its runs); the daemon's CPU over the drain ÷ calls "
+        "received (everything it does per call: claim, send, record).",
     ]
     ctx.report.tables.append(t)
     r1, r2 = (d.got.rate / ceiling for _, d in drains)
     ctx.report.set("1", f"{r1:.2f} and {r2:.2f} ({drains[0][1].got.rate:.0f} and {drains[1][1].got.rate:.0f}/s "
                         f"vs raw {ceiling:.0f}/s)",
                    r1 >= 0.9 and r2 >= 0.9 and all(d.got.complete for _, d in drains),
-                   "; ".join(f"{label}: {d.got.status}" for label, d in drains))
+                   "; ".join(f"{label}: {d.got.status}" for label, d in drains)
+                   + _cpu_note(drains, cpu_us[ceiling_label]))
+
+
+def _cpu_note(drains: list[tuple[str, Drain]], raw_us: float) -> str:
+    """What bounds a drain: the daemon's CPU per call and its share of a core, beside the raw client's."""
+    per = [d.cpu.daemon_us_per(d.got.received) for _, d in drains]
+    if any(p is None for p in per):
+        return ""
+    return ("; CPU per call: daemon " + " and ".join(f"{p:.0f}" for p in per if p is not None)
+            + " µs at " + " and ".join(pct(d.cpu.daemon_total) for _, d in drains)
+            + f" of a core, the ceiling's raw client {raw_us:.0f} µs per request")

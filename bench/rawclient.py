@@ -77,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     if not loopback:
         print(f"rawclient: refusing non-loopback URL {args.url}", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     errors = asyncio.run(CLIENTS[args.lib](args.url, args.count, args.concurrency))
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"lib": args.lib, "count": args.count, "errors": errors, "seconds": seconds}))
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(json.dumps({"lib": args.lib, "count": args.count, "errors": errors, "seconds": seconds,
+                      "cpu_seconds": cpu}))
     return 0
 
 
