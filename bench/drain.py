@@ -232,6 +232,8 @@ def backlog_and_ceiling(ctx: Ctx) -> None:
     ceiling = median(rates[ceiling_label])
     ctx.measured["ceiling"] = ceiling
     ctx.measured["drain_1row"] = drains[0][1].got.rate
+    if (per := drains[0][1].cpu.daemon_us_per(drains[0][1].got.received)) is not None:
+        ctx.measured["drain_1row_cpu_us"] = per
     ctx.report.facts["raw-client ceiling"] = (f"{ceiling:.0f} requests/s (httpx on the daemon's transport, "
                                               f"{conc} at once, one receiver on 127.0.0.1; the faster of Python's "
                                               "and the daemon's GC thresholds)")

@@ -57,6 +57,13 @@ class LatencyResult:
     daemon_cpu_pct: float | None
     writer_cpu_pct: float | None = None
 
+    @property
+    def daemon_us_per_event(self) -> float | None:
+        """The daemon's CPU per event written (its CPU over the writes ÷ the rate achieved)."""
+        if self.daemon_cpu_pct is None or not self.achieved_rate:
+            return None
+        return self.daemon_cpu_pct / 100 / self.achieved_rate * 1e6
+
 
 @dataclass
 class Paced:
@@ -234,15 +241,20 @@ def highest_steady_rate(ctx: Ctx) -> None:
     best = max(passed, default=0)
     t = Table(f"Highest steady live rate (every event delivered, p99 < {STEADY_P99_MS:g} ms over "
               f"{s.livemax_seconds:g} s)",
-              [*HEADERS, "steady", "PostgreSQL CPU", "receiver CPU", "writer CPU", "machine CPU"],
-              [[*_row(f"step {i + 1}", r), "yes" if steady(r) else "no", pct(c.server), pct(c.receiver),
-                pct(r.writer_cpu_pct), pct(c.machine)] for i, (r, c) in enumerate(zip(runs, cpus, strict=True))])
+              [*HEADERS, "daemon µs/event", "steady", "PostgreSQL CPU", "receiver CPU", "writer CPU", "machine CPU"],
+              [[*_row(f"step {i + 1}", r), _us(r.daemon_us_per_event), "yes" if steady(r) else "no", pct(c.server),
+                pct(c.receiver), pct(r.writer_cpu_pct), pct(c.machine)]
+               for i, (r, c) in enumerate(zip(runs, cpus, strict=True))])
     t.notes.append(f"Bounded search from half the 1-row backlog drain rate ({start:.0f}/s"
                    f"{'' if base else ', fallback: the drain phase did not run'}): x1.6 up, x0.5 down, then "
                    f"bisection; {s.livemax_warmup:g} s warm-up per step not counted; each step starts on a "
                    f"quiet machine (as goal 6, at most {s.settle_limit:g} s of waiting)."
                    + (" The bench's paced writer could not reach the last rate asked: the figure is a lower bound."
                       if writer_limited else ""))
+    drain_us = ctx.measured.get("drain_1row_cpu_us")
+    t.notes.append("daemon µs/event: the daemon's CPU over the writes ÷ events written"
+                   + (f"; in the 1-row backlog drain (goal 1) it was {drain_us:.0f} µs per call at a full core"
+                      if drain_us else "") + ".")
     t.notes.append("CPU in % of one core over the step (warm-up, writes and the grace for the last arrivals); "
                    "machine: every process, anyone's, from /proc/stat; writer: the paced writer's own CPU "
                    "over its writes (" + ("pgbench --rate, Poisson arrivals on "
@@ -254,17 +266,24 @@ def highest_steady_rate(ctx: Ctx) -> None:
     ctx.report.set("7", f"{'n/a' if ratio is None else f'{ratio:.2f}'} ({best}/s steady"
                         + (f" ÷ {base:.0f}/s drain)" if base else ")"),
                    None if ratio is None else ratio >= 0.8,
-                   f"not steady at {min(failed)}/s{_limit(runs, cpus, min(failed))}" if failed
+                   f"not steady at {min(failed)}/s{_limit(runs, cpus, min(failed), drain_us)}" if failed
                    else "no step failed (a lower bound)")
 
 
-def _limit(runs: list[LatencyResult], cpus: list[CpuShares], rate: int) -> str:
-    """What the machine was doing at the lowest rate the daemon did not keep up with."""
+def _us(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0f}"
+
+
+def _limit(runs: list[LatencyResult], cpus: list[CpuShares], rate: int, drain_us: float | None) -> str:
+    """What the machine was doing at the lowest rate the daemon did not keep up with, and the
+    daemon's CPU per event there beside its CPU per call in the backlog drain."""
     cores = os.cpu_count() or 1
     for r, c in zip(runs, cpus, strict=True):
         if r.rate == rate and c.machine is not None:
             others = c.machine - sum(x or 0.0 for x in (r.daemon_cpu_pct, c.server, c.receiver, r.writer_cpu_pct))
             return (f"; there the machine was {c.machine:.0f} % busy of {cores * 100} % (daemon "
                     f"{pct(r.daemon_cpu_pct)}, PostgreSQL {pct(c.server)}, receiver {pct(c.receiver)}, "
-                    f"writer {pct(r.writer_cpu_pct)}, others {pct(max(0.0, others))})")
+                    f"writer {pct(r.writer_cpu_pct)}, others {pct(max(0.0, others))}); the daemon's CPU per "
+                    f"event there {_us(r.daemon_us_per_event)} µs"
+                    + (f", {drain_us:.0f} µs per call in the 1-row drain" if drain_us else ""))
     return ""
