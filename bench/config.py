@@ -25,6 +25,7 @@ class Sizes:
     bulk_statements: int          # ... and this many statements of bulk_statement_rows rows
     bulk_statement_rows: int
     drain_limit: float            # seconds a backlog drain may take before it is cut (and measured)
+    drain_rounds: int             # rounds of (raw clients, both drains); medians of the rounds
     # goals 2, 3
     million_rows: int             # the one large INSERT
     million_limit: float
@@ -64,6 +65,7 @@ FULL = Sizes(
     write_seconds=3, write_rounds=4, write_deliver_limit=60.0,
     settle_limit=30.0, latency_seconds=10.0, latency_warmup=1.0,
     raw_requests=20_000, backlog_events=100_000, bulk_statements=10, bulk_statement_rows=10_000, drain_limit=120.0,
+    drain_rounds=2,
     million_rows=1_000_000, million_limit=120.0, live_events=10, live_interval=0.5,
     livemax_seconds=30.0, livemax_warmup=2.0, livemax_steps=5, livemax_fallback_rate=1000.0,
     retention_window=15.0, retention_interval=5.0, retention_warmup=100_000,
@@ -78,6 +80,7 @@ QUICK = Sizes(
     write_seconds=1, write_rounds=1, write_deliver_limit=5.0,
     settle_limit=2.0, latency_seconds=1.5, latency_warmup=0.3,
     raw_requests=1_000, backlog_events=1_000, bulk_statements=10, bulk_statement_rows=100, drain_limit=5.0,
+    drain_rounds=1,
     million_rows=10_000, million_limit=4.0, live_events=3, live_interval=0.3,
     livemax_seconds=1.5, livemax_warmup=0.3, livemax_steps=2, livemax_fallback_rate=200.0,
     retention_window=1.0, retention_interval=1.0, retention_warmup=500,

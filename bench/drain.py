@@ -4,8 +4,8 @@ The engine is watched only from outside: a drain is over when the receiver has s
 per event written (distinct request targets: the case IDs), and its rate is counted on the
 receiver's clock from the moment the daemon said it was ready (or the moment the work was
 committed) to the last arrival.  Raw clients and the daemon are measured against the same
-receiver, interleaved (raw, raw, drains, raw, raw), at the concurrency the daemon holds for one
-URL with its default settings.  A drain that is too slow is cut at its time limit and reported
+receiver, interleaved in rounds (raw clients, both drains, raw clients, both drains, raw
+clients; medians), at the concurrency the daemon holds for one URL with its default settings.  A drain that is too slow is cut at its time limit and reported
 as its rate so far.
 """
 
@@ -204,35 +204,70 @@ def raw(ctx: Ctx, lib: str, concurrency: int, count: int, gc: str = "python") ->
     return RawRun(got.wire_rate, cpu_us)
 
 
+@dataclass
+class Shape:
+    """The drains of one backlog shape, one per round."""
+    label: str
+    runs: list[Drain]
+
+    @property
+    def rate(self) -> float:
+        return median([d.got.rate for d in self.runs])
+
+    @property
+    def cpu_us(self) -> float | None:
+        per = [p for d in self.runs if (p := d.cpu.daemon_us_per(d.got.received)) is not None]
+        return median(per) if per else None
+
+    def share(self, pick: Callable[[CpuShares], float | None]) -> float | None:
+        got = [x for d in self.runs if (x := pick(d.cpu)) is not None]
+        return median(got) if got else None
+
+    @property
+    def complete(self) -> bool:
+        return all(d.got.complete for d in self.runs)
+
+    @property
+    def status(self) -> str:
+        return "drained" if self.complete else "; ".join(d.got.status for d in self.runs)
+
+
 def backlog_and_ceiling(ctx: Ctx) -> None:
     """Goal 1: two backlogs (1-row events; statements of many rows) drained by the daemon with its
-    default settings, each ÷ the raw ceiling of the daemon's own client measured around them."""
+    default settings, each ÷ the raw ceiling of the daemon's own client measured around them; in
+    rounds (raw, drains, raw, drains, raw), medians of the rounds."""
     s = ctx.sizes
     conc = url_concurrency()
-    shapes = [(f"{s.backlog_events:,} 1-row events", lambda: write_one_row_events(ctx, s.backlog_events)),
+    writes = [(f"{s.backlog_events:,} 1-row events", lambda: write_one_row_events(ctx, s.backlog_events)),
               (f"{s.bulk_statements} statements of {s.bulk_statement_rows:,} rows",
                lambda: write_statements(ctx, s.bulk_statements, s.bulk_statement_rows))]
-    ctx.log(f"raw clients x{conc} around drains of {' and '.join(label for label, _ in shapes)} (1 URL)")
-    runs: dict[str, list[RawRun]] = {label: [raw(ctx, lib, conc, s.raw_requests, gc)]
-                                     for label, lib, gc in RAW_CLIENTS}
+    ctx.log(f"raw clients x{conc} around {s.drain_rounds} round(s) of drains of "
+            f"{' and '.join(label for label, _ in writes)} (1 URL)")
+    runs: dict[str, list[RawRun]] = {label: [] for label, _, _ in RAW_CLIENTS}
+
+    def raw_round(order: Sequence[tuple[str, str, str]]) -> None:
+        for label, lib, gc in order:
+            runs[label].append(raw(ctx, lib, conc, s.raw_requests, gc))
+
+    raw_round(RAW_CLIENTS)
     ctx.set_urls(["/drain"])
-    drains = []
-    for label, write in shapes:
-        ctx.reset(V.BRIDGE_STOPPED)
-        write()
-        d = drain(ctx, s.drain_limit)
-        ctx.log(f"    {label}: {d.got.rate:.0f}/s end to end, {d.got.wire_rate:.0f}/s on the wire, "
-                f"peak RSS {fmt_mb(d.peak_rss_mb)}, {d.got.status}")
-        drains.append((label, d))
-    for label, lib, gc in reversed(RAW_CLIENTS):
-        runs[label].append(raw(ctx, lib, conc, s.raw_requests, gc))
+    shapes = [Shape(label, []) for label, _ in writes]
+    for rnd in range(s.drain_rounds):
+        for shape, (label, write) in zip(shapes, writes, strict=True):
+            ctx.reset(V.BRIDGE_STOPPED)
+            write()
+            d = drain(ctx, s.drain_limit)
+            ctx.log(f"    {label}: {d.got.rate:.0f}/s end to end, {d.got.wire_rate:.0f}/s on the wire, "
+                    f"peak RSS {fmt_mb(d.peak_rss_mb)}, {d.got.status}")
+            shape.runs.append(d)
+        raw_round(RAW_CLIENTS[::-1] if rnd % 2 == 0 else RAW_CLIENTS)
     rates = {label: [r.rate for r in rs] for label, rs in runs.items()}
     cpu_us = {label: median([r.cpu_us for r in rs]) for label, rs in runs.items()}
     ceiling_label = max(CEILING_CLIENTS, key=lambda label: median(rates[label]))
     ceiling = median(rates[ceiling_label])
     ctx.measured["ceiling"] = ceiling
-    ctx.measured["drain_1row"] = drains[0][1].got.rate
-    if (per := drains[0][1].cpu.daemon_us_per(drains[0][1].got.received)) is not None:
+    ctx.measured["drain_1row"] = shapes[0].rate
+    if (per := shapes[0].cpu_us) is not None:
         ctx.measured["drain_1row_cpu_us"] = per
     ctx.report.facts["raw-client ceiling"] = (f"{ceiling:.0f} requests/s (httpx on the daemon's transport, "
                                               f"{conc} at once, one receiver on 127.0.0.1; the faster of Python's "
@@ -243,18 +278,23 @@ def backlog_and_ceiling(ctx: Ctx) -> None:
     for label, _, _ in RAW_CLIENTS:
         t.rows.append([f"raw {label}", f"{median(rates[label]):.0f}", " / ".join(f"{r:.0f}" for r in rates[label]),
                        f"{median(rates[label]) / ceiling:.2f}", f"{cpu_us[label]:.0f}", "", "", "", "", "", ""])
-    for label, d in drains:
-        per = d.cpu.daemon_us_per(d.got.received)
-        t.rows.append([f"daemon, {label}", f"{d.got.rate:.0f}", "1", f"{d.got.rate / ceiling:.2f}",
-                       "n/a" if per is None else f"{per:.0f}",
-                       f"{d.got.duplicates:,}", fmt_mb(d.peak_rss_mb), pct(d.cpu.daemon_total), pct(d.cpu.receiver),
-                       pct(d.cpu.server),
-                       f"{d.got.status}; {d.got.wire_rate:.0f}/s on the wire; machine CPU {pct(d.cpu.machine)}"])
+    for shape in shapes:
+        rss = [r for d in shape.runs if (r := d.peak_rss_mb) is not None]
+        t.rows.append([f"daemon, {shape.label}", f"{shape.rate:.0f}",
+                       " / ".join(f"{d.got.rate:.0f}" for d in shape.runs),
+                       f"{shape.rate / ceiling:.2f}", fmt_us(shape.cpu_us),
+                       f"{sum(d.got.duplicates for d in shape.runs):,}", fmt_mb(max(rss) if rss else None),
+                       pct(shape.share(lambda c: c.daemon_total)), pct(shape.share(lambda c: c.receiver)),
+                       pct(shape.share(lambda c: c.server)),
+                       f"{shape.status}; " + " / ".join(f"{d.got.wire_rate:.0f}" for d in shape.runs)
+                       + f"/s on the wire; machine CPU {pct(shape.share(lambda c: c.machine))}"])
     t.notes += [
-        f"{s.raw_requests:,} requests per raw run, order: raw, raw, drains, raw, raw; each raw client is its "
-        "own process, as the daemon is; raw rate = first → last arrival at the receiver. The ceiling is the "
-        f"faster median of raw {CEILING_LIB} with Python's garbage-collector thresholds and with the daemon's "
-        "(bridge.aio.tune_gc).",
+        f"{s.raw_requests:,} requests per raw run; {s.drain_rounds} round(s): raw, drains, raw, ... , raw "
+        "(each raw client once per turn, the order reversed every turn); each raw client is its own process, "
+        "as the daemon is; raw rate = first → last arrival at the receiver. The ceiling is the faster median "
+        f"of raw {CEILING_LIB} with Python's garbage-collector thresholds and with the daemon's "
+        "(bridge.aio.tune_gc). Daemon rows: the median of the rounds (runs: each round's rate); duplicates "
+        "summed, peak RSS the largest, CPU the medians.",
         "Daemon rate, end to end = distinct calls received ÷ (last arrival - the daemon's 'ready' log line), "
         f"receiver clock; backlogs written while no daemon ran; a drain not finished within {s.drain_limit:g} s "
         "is reported as its rate so far. CPU: % of one core over the drain. CPU µs per call: a raw client's "
@@ -262,19 +302,23 @@ def backlog_and_ceiling(ctx: Ctx) -> None:
         "received (everything it does per call: claim, send, record).",
     ]
     ctx.report.tables.append(t)
-    r1, r2 = (d.got.rate / ceiling for _, d in drains)
-    ctx.report.set("1", f"{r1:.2f} and {r2:.2f} ({drains[0][1].got.rate:.0f} and {drains[1][1].got.rate:.0f}/s "
+    r1, r2 = (shape.rate / ceiling for shape in shapes)
+    ctx.report.set("1", f"{r1:.2f} and {r2:.2f} ({shapes[0].rate:.0f} and {shapes[1].rate:.0f}/s "
                         f"vs raw {ceiling:.0f}/s)",
-                   r1 >= 0.9 and r2 >= 0.9 and all(d.got.complete for _, d in drains),
-                   "; ".join(f"{label}: {d.got.status}" for label, d in drains)
-                   + _cpu_note(drains, cpu_us[ceiling_label]))
+                   r1 >= 0.9 and r2 >= 0.9 and all(shape.complete for shape in shapes),
+                   "; ".join(f"{shape.label}: {shape.status}" for shape in shapes)
+                   + _cpu_note(shapes, cpu_us[ceiling_label]))
 
 
-def _cpu_note(drains: list[tuple[str, Drain]], raw_us: float) -> str:
+def fmt_us(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0f}"
+
+
+def _cpu_note(shapes: list[Shape], raw_us: float) -> str:
     """What bounds a drain: the daemon's CPU per call and its share of a core, beside the raw client's."""
-    per = [d.cpu.daemon_us_per(d.got.received) for _, d in drains]
+    per = [shape.cpu_us for shape in shapes]
     if any(p is None for p in per):
         return ""
-    return ("; CPU per call: daemon " + " and ".join(f"{p:.0f}" for p in per if p is not None)
-            + " µs at " + " and ".join(pct(d.cpu.daemon_total) for _, d in drains)
+    return ("; CPU per call (medians): daemon " + " and ".join(fmt_us(p) for p in per)
+            + " µs at " + " and ".join(pct(shape.share(lambda c: c.daemon_total)) for shape in shapes)
             + f" of a core, the ceiling's raw client {raw_us:.0f} µs per request")

@@ -30,7 +30,7 @@ import psycopg
 
 from . import variants as V
 from .context import Ctx
-from .drain import CpuShares, CpuWindow, pct
+from .drain import CpuShares, CpuWindow, fmt_us, pct
 from .report import Table
 from .sqlq import BQ
 from .stats import percentile
@@ -242,7 +242,7 @@ def highest_steady_rate(ctx: Ctx) -> None:
     t = Table(f"Highest steady live rate (every event delivered, p99 < {STEADY_P99_MS:g} ms over "
               f"{s.livemax_seconds:g} s)",
               [*HEADERS, "daemon µs/event", "steady", "PostgreSQL CPU", "receiver CPU", "writer CPU", "machine CPU"],
-              [[*_row(f"step {i + 1}", r), _us(r.daemon_us_per_event), "yes" if steady(r) else "no", pct(c.server),
+              [[*_row(f"step {i + 1}", r), fmt_us(r.daemon_us_per_event), "yes" if steady(r) else "no", pct(c.server),
                 pct(c.receiver), pct(r.writer_cpu_pct), pct(c.machine)]
                for i, (r, c) in enumerate(zip(runs, cpus, strict=True))])
     t.notes.append(f"Bounded search from half the 1-row backlog drain rate ({start:.0f}/s"
@@ -270,10 +270,6 @@ def highest_steady_rate(ctx: Ctx) -> None:
                    else "no step failed (a lower bound)")
 
 
-def _us(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.0f}"
-
-
 def _limit(runs: list[LatencyResult], cpus: list[CpuShares], rate: int, drain_us: float | None) -> str:
     """What the machine was doing at the lowest rate the daemon did not keep up with, and the
     daemon's CPU per event there beside its CPU per call in the backlog drain."""
@@ -284,6 +280,6 @@ def _limit(runs: list[LatencyResult], cpus: list[CpuShares], rate: int, drain_us
             return (f"; there the machine was {c.machine:.0f} % busy of {cores * 100} % (daemon "
                     f"{pct(r.daemon_cpu_pct)}, PostgreSQL {pct(c.server)}, receiver {pct(c.receiver)}, "
                     f"writer {pct(r.writer_cpu_pct)}, others {pct(max(0.0, others))}); the daemon's CPU per "
-                    f"event there {_us(r.daemon_us_per_event)} µs"
+                    f"event there {fmt_us(r.daemon_us_per_event)} µs"
                     + (f", {drain_us:.0f} µs per call in the 1-row drain" if drain_us else ""))
     return ""
