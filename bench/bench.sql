@@ -67,6 +67,18 @@ SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity
 SELECT pid FROM pg_catalog.pg_stat_activity
  WHERE datname = pg_catalog.current_database() AND starts_with(application_name, 'crm-bridge');
 
+-- name: background_pids
+-- The server's long-lived background processes (WAL writer, checkpointer, background writer,
+-- autovacuum launcher...): goal 4's breakdown (autovacuum workers come and go; not here).
+SELECT pid FROM pg_catalog.pg_stat_activity
+ WHERE backend_type IN ('walwriter', 'checkpointer', 'background writer', 'autovacuum launcher',
+                        'logical replication launcher', 'archiver');
+
+-- name: bridge_autovacuums
+-- Autovacuum and autoanalyze passes so far over crm_bridge's tables.
+SELECT coalesce(sum(s.autovacuum_count + s.autoanalyze_count), 0)::bigint
+  FROM pg_catalog.pg_stat_all_tables s WHERE s.schemaname = 'crm_bridge';
+
 -- name: daemon_backends_left
 -- How many of them are still there.
 SELECT count(*) FROM pg_catalog.pg_stat_activity

@@ -5,8 +5,8 @@ per event written (distinct request targets: the case IDs), and its rate is coun
 receiver's clock from the moment the daemon said it was ready (or the moment the work was
 committed) to the last arrival.  Raw clients and the daemon are measured against the same
 receiver, interleaved in rounds (raw clients, both drains, raw clients, both drains, raw
-clients; medians), at the concurrency the daemon holds for one URL with its default settings.  A drain that is too slow is cut at its time limit and reported
-as its rate so far.
+clients; medians), at the concurrency the daemon holds for one URL with its default settings.
+A drain that is too slow is cut at its time limit and reported as its rate so far.
 """
 
 from __future__ import annotations

@@ -15,11 +15,16 @@ class Variant:
     label: str
     attach: str | None        # name of the attach_* query in bench.sql; None: no trigger
     daemon: bool = False      # the real daemon runs (and delivers) during the measurement
+    burn: float = 0.0         # share of one core a process of no database work keeps busy meanwhile
 
 
 NONE = Variant("none", "no trigger", None)
 BRIDGE = Variant("bridge", "bridge, daemon delivering", "attach_bridge", daemon=True)
 BRIDGE_STOPPED = Variant("bridge_stopped", "bridge, trigger alone (no daemon)", "attach_bridge")
+# Goal 4's control: the trigger alone while a process that does no database work keeps about as
+# much of a core busy as the daemon does (~75 %): what the writers' own server processes cost more
+# on a busier machine, apart from anything the daemon asks of the database.
+BRIDGE_BUSY = Variant("bridge_busy", "bridge, trigger alone + a busy process", "attach_bridge", burn=0.75)
 HASURA = Variant("hasura", "Hasura-style JSON log", "attach_hasura")
 PGQ = Variant("pgq", "PgQ pgq.logutriga", "attach_pgq")
 # Floors (goal 5): what any PL/pgSQL statement-level capture costs before logic of its own.

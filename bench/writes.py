@@ -13,8 +13,10 @@ every call, so the daemon's whole bookkeeping for those transactions is in it.
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import procstat
@@ -26,7 +28,7 @@ from .stats import median, spread
 from .variants import Variant
 from .writers import NotifyCounter
 
-WRITE_VARIANTS = [V.NONE, V.BRIDGE_STOPPED, V.BRIDGE, V.HASURA]      # + V.PGQ where the server has it
+WRITE_VARIANTS = [V.NONE, V.BRIDGE_STOPPED, V.BRIDGE, V.BRIDGE_BUSY, V.HASURA]      # + V.PGQ where the server has it
 WRITERS = 8
 
 
@@ -42,17 +44,54 @@ class Run:
     statements: dict[str, tuple[int, float]] | None = None
     # daemon variants: CPU of the server processes serving the daemon's connections, per transaction
     daemon_backends_us: float | None = None
+    # CPU of the server's long-lived background processes (WAL writer, checkpointer...), per transaction
+    background_us: float | None = None
+    autovacuums: int = 0        # autovacuum/autoanalyze passes over crm_bridge tables during the run
 
 
-def daemon_backend_cpu(ctx: Ctx) -> dict[int, float]:
-    """CPU seconds so far of each server process serving a daemon connection (empty where /proc
-    is not readable)."""
+def daemon_backend_cpu(ctx: Ctx, query: str | None = None) -> dict[int, float]:
+    """CPU seconds so far of each server process serving a daemon connection (or those ``query``
+    lists; empty where /proc is not readable)."""
     out = {}
-    for (pid,) in ctx.conn.execute(BQ.daemon_backend_pids).fetchall():
+    for (pid,) in ctx.conn.execute(query or BQ.daemon_backend_pids).fetchall():
         seconds = procstat.cpu_seconds(int(pid))
         if seconds is not None:
             out[int(pid)] = seconds
     return out
+
+
+# A process of no database work that keeps ``share`` of one core busy, in 10 ms periods, making
+# and dropping small objects as a Python daemon does (a bare spin would hardly touch the caches).
+BUSY_LOOP = """
+import sys, time
+share = float(sys.argv[1])
+while True:
+    end = time.perf_counter() + 0.010 * share
+    while time.perf_counter() < end:
+        junk = [{"i": i, "s": str(i)} for i in range(200)]
+    time.sleep(0.010 * (1 - share))
+"""
+
+
+@contextlib.contextmanager
+def busy_process(share: float) -> Iterator[None]:
+    if share <= 0:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(share)])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _delta_us(before: dict[int, float], after: dict[int, float], transactions: int) -> float | None:
+    """CPU per transaction of the processes in ``after`` since ``before`` (a process started in
+    between counts from its start)."""
+    if not after or not transactions:
+        return None
+    return (sum(after.values()) - sum(before.get(pid, 0.0) for pid in after)) / transactions * 1e6
 
 
 def _run(ctx: Ctx, variant: Variant, script: str, clients: int, seconds: int,
@@ -62,11 +101,13 @@ def _run(ctx: Ctx, variant: Variant, script: str, clients: int, seconds: int,
     statements = None
     if variant.daemon and ctx.db.statements:
         ctx.conn.execute(BQ.statements_reset)
-    with ctx.daemon() if variant.daemon else contextlib.nullcontext() as daemon:
+    with ctx.daemon() if variant.daemon else contextlib.nullcontext() as daemon, busy_process(variant.burn):
         ctx.rx.reset()
         n0 = counter.settle()
         c0 = ctx.db.server_cpu()
         b0 = daemon_backend_cpu(ctx) if daemon else {}
+        g0 = daemon_backend_cpu(ctx, BQ.background_pids)
+        v0 = int(ctx.conn.execute(BQ.bridge_autovacuums).fetchone()[0])
         d0 = daemon.cpu_seconds() if daemon else None
         result = ctx.writers.run(script, clients, seconds)
         d1 = daemon.cpu_seconds() if daemon else None
@@ -76,6 +117,8 @@ def _run(ctx: Ctx, variant: Variant, script: str, clients: int, seconds: int,
         time.sleep(0.1)          # let the postmaster reap the writers' backends (their CPU)
         c1 = ctx.db.server_cpu()
         b1 = daemon_backend_cpu(ctx) if daemon else {}
+        g1 = daemon_backend_cpu(ctx, BQ.background_pids)
+        v1 = int(ctx.conn.execute(BQ.bridge_autovacuums).fetchone()[0])
         n1 = counter.settle()
         if daemon and ctx.db.statements:
             statements = {str(k): (int(n), float(ms)) for k, n, ms in
@@ -83,11 +126,9 @@ def _run(ctx: Ctx, variant: Variant, script: str, clients: int, seconds: int,
     cpu_us = None
     if c0 is not None and c1 is not None and result.transactions:
         cpu_us = (c1 - c0) / result.transactions * 1e6
-    backends_us = None
-    if b1 and result.transactions:   # a connection opened during the run counts from its start
-        backends_us = (sum(b1.values()) - sum(b0.get(pid, 0.0) for pid in b1)) / result.transactions * 1e6
     return Run(result.tps, result.transactions, cpu_us, n1 - n0,
-               d1 - d0 if d0 is not None and d1 is not None else None, delivered, statements, backends_us)
+               d1 - d0 if d0 is not None and d1 is not None else None, delivered, statements,
+               _delta_us(b0, b1, result.transactions), _delta_us(g0, g1, result.transactions), v1 - v0)
 
 
 def statement_breakdown(runs: list[Run]) -> str | None:
@@ -168,6 +209,10 @@ def _cpu_minus(a: Run, b: Run) -> float | None:
     return a.cpu_us - b.cpu_us if a.cpu_us is not None and b.cpu_us is not None else None
 
 
+def _background_minus(a: Run, b: Run) -> float | None:
+    return a.background_us - b.background_us if a.background_us is not None and b.background_us is not None else None
+
+
 def _cpu_ratio(a: Run, b: Run) -> float | None:
     return a.cpu_us / b.cpu_us if a.cpu_us and b.cpu_us else None
 
@@ -193,6 +238,10 @@ def eight_writers(ctx: Ctx) -> dict[str, list[Run]]:
         + ("every run delivered everything in it." if all(r.delivered for r in runs["bridge"])
            else "NOT every run delivered everything in it: its bookkeeping is partly missing."),
         "notifying commits: NOTIFYs seen by a bench listener on channel crm_bridge ÷ transactions.",
+        f"trigger alone + a busy process: goal 4's control, the trigger alone while a Python process that does "
+        f"no database work keeps ~{V.BRIDGE_BUSY.burn:.0%} of a core busy (about the daemon's share): on a "
+        "machine with few cores, what the writers' own server processes cost more only because the machine "
+        "is busier.",
         "daemon CPU: the daemon process's CPU time ÷ wall time of the writers' runs (100 % = one core).",
         "floors: bench-only PL/pgSQL statement-level triggers with a transition table (bench/variants.sql): "
         "empty; writing one row per statement into a table without an index; and into an outbox with an "
@@ -210,10 +259,17 @@ def eight_writers(ctx: Ctx) -> dict[str, list[Run]]:
     split = ""
     if own_runs:
         own = median(own_runs)
+        bg = _per_round(runs, "bridge", "bridge_stopped", _background_minus)
+        vacuums = sum(r.autovacuums for r in runs["bridge"])
+        busy = _per_round(runs, "bridge_busy", "bridge_stopped", _cpu_minus)
         split = (f"; of it, the server processes serving the daemon's connections {own:.0f} µs/tx "
-                 f"(CPU from /proc), the rest, {book - own:.0f} µs, is work the daemon causes elsewhere "
-                 "in the server (autovacuum of what it deletes, WAL writing) and the writers' share of "
-                 "a busier machine")
+                 f"(CPU from /proc), the server's background processes (WAL writer, checkpointer, background "
+                 f"writer) {_fmt(bg, '.0f')} more than with the trigger alone, and the rest, "
+                 f"{_fmt(book - own - (bg or 0.0), '.0f')} µs, the writers' own server processes costing "
+                 "more on a busier machine and autovacuum workers (passes over crm_bridge tables during the "
+                 f"{len(runs['bridge'])} delivering runs: {vacuums}); control: a process of no database work "
+                 f"keeping {V.BRIDGE_BUSY.burn:.0%} of a core busy raised the trigger alone's server CPU by "
+                 f"{busy:.0f} µs/tx")
         t.notes.append(f"Daemon delivering: CPU of the server processes serving the daemon's connections: "
                        f"{own:.0f} µs per transaction (median of rounds).")
     cpu = {k: median([r.cpu_us for r in runs[k] if r.cpu_us]) for k in ("none", "bridge_stopped", "bridge")}
