@@ -47,15 +47,21 @@ class Pgbench:
         length = f"--transactions={transactions}" if transactions else f"--time={max(1, int(seconds))}"
         cmd = [str(self.exe), "--no-vacuum", "--protocol=prepared", f"--client={clients}",
                f"--jobs={min(clients, 2)}", length, f"--file={path}", self.dsn]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + transactions * clients / 100 + 120)
-        out = proc.stdout + proc.stderr
-        done = re.search(r"number of transactions actually processed: (\d+)", out)
-        tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
-        if proc.returncode != 0 or not done or not tps:
-            raise RuntimeError(f"pgbench failed ({proc.returncode}):\n{out[-2000:]}")
-        n = int(done.group(1))
+        n, tps = _run_pgbench(cmd, seconds + transactions * clients / 100 + 120)
         # pgbench's own figure excludes connection set-up; derive the window from it.
-        return WriteResult(n, n / float(tps.group(1)) if float(tps.group(1)) else float(seconds))
+        return WriteResult(n, n / tps if tps else float(seconds))
+
+
+def _run_pgbench(cmd: list[str], timeout: float, cwd: Path | None = None) -> tuple[int, float]:
+    """Run pgbench; (transactions processed, its tps without connection set-up), or RuntimeError
+    with the end of its output."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    out = proc.stdout + proc.stderr
+    done = re.search(r"number of transactions actually processed: (\d+)", out)
+    tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+    if proc.returncode != 0 or not done or not tps:
+        raise RuntimeError(f"pgbench failed ({proc.returncode}):\n{out[-2000:]}")
+    return int(done.group(1)), float(tps.group(1))
 
 
 @dataclass(frozen=True)
@@ -87,12 +93,8 @@ def paced_pgbench(exe: Path, dsn: str, workdir: Path, statement: str, clients: i
            f"--log-prefix={workdir / f'paced-{tag}.log'}", f"--file={script}",
            *(f"--define={k}={v}" for k, v in (defines or {}).items()), dsn]
     cpu0 = _children_cpu()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 3 + 120, cwd=workdir)
+    _, tps = _run_pgbench(cmd, seconds * 3 + 120, workdir)
     cpu = _children_cpu() - cpu0
-    out = proc.stdout + proc.stderr
-    tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
-    if proc.returncode != 0 or not tps:
-        raise RuntimeError(f"pgbench failed ({proc.returncode}):\n{out[-2000:]}")
     commits: list[tuple[int, int, float]] = []
     for log in workdir.glob(f"paced-{tag}.log*"):
         for line in log.read_text().splitlines():
@@ -100,7 +102,7 @@ def paced_pgbench(exe: Path, dsn: str, workdir: Path, statement: str, clients: i
             f = line.split()
             commits.append((int(f[0]), int(f[1]), int(f[4]) + int(f[5]) / 1e6))
         log.unlink()
-    return PacedRun(commits, float(tps.group(1)), cpu)
+    return PacedRun(commits, tps, cpu)
 
 
 class PythonWriters:

@@ -49,11 +49,11 @@ class Run:
     autovacuums: int = 0        # autovacuum/autoanalyze passes over crm_bridge tables during the run
 
 
-def daemon_backend_cpu(ctx: Ctx, query: str | None = None) -> dict[int, float]:
-    """CPU seconds so far of each server process serving a daemon connection (or those ``query``
-    lists; empty where /proc is not readable)."""
+def processes_cpu(ctx: Ctx, query: str) -> dict[int, float]:
+    """CPU seconds so far of each server process ``query`` lists (the daemon's backends, the
+    background processes; empty where /proc is not readable)."""
     out = {}
-    for (pid,) in ctx.conn.execute(query or BQ.daemon_backend_pids).fetchall():
+    for (pid,) in ctx.conn.execute(query).fetchall():
         seconds = procstat.cpu_seconds(int(pid))
         if seconds is not None:
             out[int(pid)] = seconds
@@ -105,8 +105,8 @@ def _run(ctx: Ctx, variant: Variant, script: str, clients: int, seconds: int,
         ctx.rx.reset()
         n0 = counter.settle()
         c0 = ctx.db.server_cpu()
-        b0 = daemon_backend_cpu(ctx) if daemon else {}
-        g0 = daemon_backend_cpu(ctx, BQ.background_pids)
+        b0 = processes_cpu(ctx, BQ.daemon_backend_pids) if daemon else {}
+        g0 = processes_cpu(ctx, BQ.background_pids)
         v0 = int(ctx.conn.execute(BQ.bridge_autovacuums).fetchone()[0])
         d0 = daemon.cpu_seconds() if daemon else None
         result = ctx.writers.run(script, clients, seconds)
@@ -116,8 +116,8 @@ def _run(ctx: Ctx, variant: Variant, script: str, clients: int, seconds: int,
             delivered = ctx.rx.wait_count(calls, timeout=ctx.sizes.write_deliver_limit) >= calls
         time.sleep(0.1)          # let the postmaster reap the writers' backends (their CPU)
         c1 = ctx.db.server_cpu()
-        b1 = daemon_backend_cpu(ctx) if daemon else {}
-        g1 = daemon_backend_cpu(ctx, BQ.background_pids)
+        b1 = processes_cpu(ctx, BQ.daemon_backend_pids) if daemon else {}
+        g1 = processes_cpu(ctx, BQ.background_pids)
         v1 = int(ctx.conn.execute(BQ.bridge_autovacuums).fetchone()[0])
         n1 = counter.settle()
         if daemon and ctx.db.statements:
@@ -205,12 +205,12 @@ def _per_round(runs: dict[str, list[Run]], key: str, base: str, f: Callable[[Run
     return median(values)
 
 
-def _cpu_minus(a: Run, b: Run) -> float | None:
-    return a.cpu_us - b.cpu_us if a.cpu_us is not None and b.cpu_us is not None else None
-
-
-def _background_minus(a: Run, b: Run) -> float | None:
-    return a.background_us - b.background_us if a.background_us is not None and b.background_us is not None else None
+def _minus(field: str) -> Callable[[Run, Run], float | None]:
+    """``a.field - b.field`` of two runs (None when either is unknown)."""
+    def f(a: Run, b: Run) -> float | None:
+        x, y = getattr(a, field), getattr(b, field)
+        return x - y if x is not None and y is not None else None
+    return f
 
 
 def _cpu_ratio(a: Run, b: Run) -> float | None:
@@ -254,14 +254,14 @@ def eight_writers(ctx: Ctx) -> dict[str, list[Run]]:
     breakdown = statement_breakdown(runs["bridge"])
     if breakdown:
         t.notes.append(f"Daemon delivering: {breakdown}.")
-    book = _per_round(runs, "bridge", "bridge_stopped", _cpu_minus)
+    book = _per_round(runs, "bridge", "bridge_stopped", _minus("cpu_us"))
     own_runs = [r.daemon_backends_us for r in runs["bridge"] if r.daemon_backends_us is not None]
     split = ""
     if own_runs:
         own = median(own_runs)
-        bg = _per_round(runs, "bridge", "bridge_stopped", _background_minus)
+        bg = _per_round(runs, "bridge", "bridge_stopped", _minus("background_us"))
         vacuums = sum(r.autovacuums for r in runs["bridge"])
-        busy = _per_round(runs, "bridge_busy", "bridge_stopped", _cpu_minus)
+        busy = _per_round(runs, "bridge_busy", "bridge_stopped", _minus("cpu_us"))
         split = (f"; of it, the server processes serving the daemon's connections {own:.0f} µs/tx "
                  f"(CPU from /proc), the server's background processes (WAL writer, checkpointer, background "
                  f"writer) {_fmt(bg, '.0f')} more than with the trigger alone, and the rest, "
